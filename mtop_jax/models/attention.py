@@ -1,0 +1,46 @@
+"""Scaled dot-product attention with additive masks.
+
+Kept apart from the layers so that the plain encoder, the MTOP prompt
+attention and the dense masked reference all share one softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def mask_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """0 where ``mask`` is true, a large negative number where it is false."""
+    return jnp.where(mask, jnp.asarray(0, dtype), jnp.asarray(jnp.finfo(dtype).min, dtype))
+
+
+def padding_bias(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] 0/1 padding mask -> [B, 1, 1, L] additive bias over keys."""
+    return mask_bias(attention_mask.astype(bool))[:, None, None, :]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + bias) v.
+
+    q: [B, Tq, h, d]; k, v: [B, Tk, h, d]; bias broadcastable to [B, h, Tq, Tk].
+    The softmax runs in fp32 whatever the compute dtype; ``dropout`` (e.g. an
+    ``nnx.Dropout``) is applied to the attention probabilities.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
