@@ -168,7 +168,7 @@ class Pooler(nnx.Module):
     """tanh(W z + b): BERT's pooler, shared by all tasks in the MTOP model."""
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
-        self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, (EMBED, EMBED), rngs, dtype)
+        self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, (EMBED, None), rngs, dtype)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         return jnp.tanh(self.dense(z))

@@ -1,0 +1,165 @@
+"""Mixing several sources into one stream of global batches.
+
+Each row of a global batch picks a source at random with probability p_s:
+
+- ``proportional``: p_s ∝ n_s (the sources' sizes);
+- ``temperature``: p_s ∝ n_s^(1/T) (T=1 proportional, T→∞ uniform);
+- ``uniform``: p_s = 1/S;
+- ``dynamic``: p_s ∝ the mean over the source's tasks of the remaining loss
+  ratio L_t(now)/L_t(start) (DESIGN.md section 7). The trainer reports
+  per-task eval losses with ``update_losses`` at every evaluation; the first
+  report of a task is its L_t(start). Before any report every ratio is 1.
+
+Within a source, examples come without replacement from a permutation that is
+redrawn every epoch of that source. Everything is a function of the seed,
+the step and each source's (epoch, cursor): ``state_dict()`` holds exactly
+that (plus the loss ratios), so a restored sampler yields the very next batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mtop_jax.errors import ConfigError, DataError
+
+STRATEGIES = ("proportional", "temperature", "uniform", "dynamic")
+MIN_RATIO = 1e-3  # a task whose loss has all but vanished is still sampled, rarely
+STATE_VERSION = 1
+
+
+def mixing_probabilities(sizes: Sequence[int], strategy: str, *, temperature: float = 2.0,
+                         source_ratios: Sequence[float] | None = None) -> np.ndarray:
+    """Sampling probability of each source."""
+    sizes = np.asarray(sizes, np.float64)
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"data.mixing: expected one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "proportional":
+        w = sizes
+    elif strategy == "temperature":
+        if not temperature > 0:
+            raise ConfigError(f"data.temperature: must be positive, got {temperature!r}")
+        w = sizes ** (1.0 / temperature)
+    elif strategy == "uniform":
+        w = np.ones_like(sizes)
+    else:
+        w = np.ones_like(sizes) if source_ratios is None else np.asarray(source_ratios, np.float64)
+    w = np.where(sizes > 0, w, 0.0)
+    return w / w.sum()
+
+
+class SourceSampler:
+    """Global batches of row indices into the concatenation of the sources."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, *, strategy: str = "proportional",
+                 temperature: float = 2.0, seed: int = 0,
+                 source_tasks: Sequence[Sequence[str]] | None = None):
+        self.sizes = [int(n) for n in sizes]
+        if not self.sizes or min(self.sizes) < 1:
+            raise DataError(f"every source needs at least one example, sizes {self.sizes}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be a positive integer, got {batch_size!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}")
+        self.batch_size = batch_size
+        self.strategy = strategy
+        self.temperature = temperature
+        self.source_tasks = [list(t) for t in (source_tasks or [[] for _ in self.sizes])]
+        if len(self.source_tasks) != len(self.sizes):
+            raise DataError(f"{len(self.source_tasks)} task lists for {len(self.sizes)} sources")
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.seed = seed
+        self.step = 0
+        self.epochs = [0] * len(self.sizes)
+        self.cursors = [0] * len(self.sizes)
+        self.start_losses: dict[str, float] = {}
+        self.ratios: dict[str, float] = {}
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self.probabilities()  # validates the strategy now, not at the first batch
+
+    def probabilities(self) -> np.ndarray:
+        ratios = None
+        if self.strategy == "dynamic":
+            ratios = [np.mean([max(self.ratios.get(t, 1.0), MIN_RATIO) for t in tasks])
+                      if tasks else 1.0 for tasks in self.source_tasks]
+        return mixing_probabilities(self.sizes, self.strategy, temperature=self.temperature,
+                                    source_ratios=ratios)
+
+    def update_losses(self, losses: Mapping[str, float]) -> None:
+        """Per-task losses at an evaluation; the first finite one of a task is its start."""
+        for task, loss in losses.items():
+            loss = float(loss)
+            if not math.isfinite(loss) or loss < 0:
+                continue  # a diverged or absent task keeps its last ratio
+            start = self.start_losses.setdefault(task, loss)
+            self.ratios[task] = loss / start if start > 0 else 1.0
+
+    def next_rows(self) -> np.ndarray:
+        """The next global batch: int64 [batch_size] rows of the concatenated sources."""
+        n_sources = len(self.sizes)
+        if n_sources == 1:
+            choice = np.zeros(self.batch_size, np.int64)
+        else:
+            rng = np.random.default_rng([self.seed, 0, self.step])
+            choice = rng.choice(n_sources, size=self.batch_size, p=self.probabilities())
+        rows = np.empty(self.batch_size, np.int64)
+        for s in range(n_sources):
+            where = np.flatnonzero(choice == s)
+            if len(where):
+                rows[where] = self.offsets[s] + self._take(s, len(where))
+        self.step += 1
+        return rows
+
+    def _take(self, s: int, k: int) -> np.ndarray:
+        out = []
+        while k:
+            perm = self._perm(s)
+            got = perm[self.cursors[s]:self.cursors[s] + k]
+            out.append(got)
+            k -= len(got)
+            self.cursors[s] += len(got)
+            if self.cursors[s] == self.sizes[s]:
+                self.epochs[s] += 1
+                self.cursors[s] = 0
+        return np.concatenate(out)
+
+    def _perm(self, s: int) -> np.ndarray:
+        cached = self._perms.get(s)
+        if cached is None or cached[0] != self.epochs[s]:
+            rng = np.random.default_rng([self.seed, 1, s, self.epochs[s]])
+            cached = (self.epochs[s], rng.permutation(self.sizes[s]))
+            self._perms[s] = cached
+        return cached[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: restoring it resumes at exactly the next batch."""
+        return {"version": STATE_VERSION, "seed": self.seed, "step": self.step,
+                "sizes": list(self.sizes), "epochs": list(self.epochs),
+                "cursors": list(self.cursors), "start_losses": dict(self.start_losses),
+                "ratios": dict(self.ratios)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        try:
+            if int(state["version"]) != STATE_VERSION:
+                raise DataError(f"data iterator state version {state['version']}, "
+                                f"expected {STATE_VERSION}")
+            sizes = [int(n) for n in state["sizes"]]
+            if sizes != self.sizes:
+                raise DataError(f"the saved data iterator ran over sources of sizes {sizes}, "
+                                f"this data has {self.sizes}: not the same data")
+            epochs = [int(e) for e in state["epochs"]]
+            cursors = [int(c) for c in state["cursors"]]
+            seed, step = int(state["seed"]), int(state["step"])
+            start = {str(k): float(v) for k, v in dict(state.get("start_losses", {})).items()}
+            ratios = {str(k): float(v) for k, v in dict(state.get("ratios", {})).items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"not a data iterator state ({type(e).__name__}: {e})") from None
+        if len(epochs) != len(sizes) or len(cursors) != len(sizes) or not all(
+                0 <= c < n for c, n in zip(cursors, sizes, strict=True)):
+            raise DataError(f"data iterator state: bad epochs {epochs} or cursors {cursors}")
+        self.seed, self.step, self.epochs, self.cursors = seed, step, epochs, cursors
+        self.start_losses, self.ratios = start, ratios
+        self._perms.clear()

@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and mesh fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from mtop_jax.sharding import make_mesh  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+    devs = jax.devices()
+    assert len(devs) == 8, f"conftest wants 8 CPU devices, jax sees {len(devs)}"
+    return devs
+
+
+@pytest.fixture(scope="session")
+def mesh1(devices):
+    return make_mesh({"data": 1}, devices[:1])
+
+
+@pytest.fixture(scope="session")
+def mesh2(devices):
+    return make_mesh({"data": 2}, devices[:2])
+
+
+@pytest.fixture(scope="session")
+def mesh8(devices):
+    """data x fsdp x tensor = 2 x 2 x 2."""
+    return make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices)

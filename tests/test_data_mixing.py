@@ -1,0 +1,104 @@
+"""Mixing strategies, determinism, epochs, dynamic re-weighting and exact resumption."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mtop_jax.data.mixing import STRATEGIES, SourceSampler, mixing_probabilities
+from mtop_jax.errors import ConfigError, DataError
+
+SIZES = [100, 400, 1600]
+
+
+def test_static_probabilities():
+    np.testing.assert_allclose(mixing_probabilities(SIZES, "proportional"),
+                               [1 / 21, 4 / 21, 16 / 21])
+    np.testing.assert_allclose(mixing_probabilities(SIZES, "temperature", temperature=2.0),
+                               [10 / 70, 20 / 70, 40 / 70])
+    np.testing.assert_allclose(mixing_probabilities(SIZES, "temperature", temperature=1.0),
+                               mixing_probabilities(SIZES, "proportional"))
+    np.testing.assert_allclose(mixing_probabilities(SIZES, "uniform"), [1 / 3] * 3)
+    np.testing.assert_allclose(mixing_probabilities(SIZES, "dynamic"), [1 / 3] * 3)
+    with pytest.raises(ConfigError, match="mixing"):
+        mixing_probabilities(SIZES, "round_robin")
+    with pytest.raises(ConfigError, match="temperature"):
+        mixing_probabilities(SIZES, "temperature", temperature=0.0)
+
+
+def source_of(rows):
+    return np.searchsorted(np.cumsum(SIZES), rows, side="right")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empirical_mix_follows_the_probabilities(strategy):
+    s = SourceSampler(SIZES, 64, strategy=strategy, temperature=2.0, seed=3)
+    rows = np.concatenate([s.next_rows() for _ in range(200)])
+    freq = np.bincount(source_of(rows), minlength=3) / len(rows)
+    np.testing.assert_allclose(freq, s.probabilities(), atol=0.02)
+
+
+def test_deterministic_for_a_seed():
+    a = [SourceSampler(SIZES, 16, seed=7).next_rows() for _ in range(2)]
+    np.testing.assert_array_equal(a[0], a[1])
+    b = SourceSampler(SIZES, 16, seed=8).next_rows()
+    assert not np.array_equal(a[0], b)
+
+
+def test_every_example_once_per_epoch():
+    s = SourceSampler([10, 7], 3, strategy="uniform", seed=0)
+    rows = np.concatenate([s.next_rows() for _ in range(40)])
+    first = rows[rows < 10][:20]
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
+    assert first[:10].tolist() != first[10:].tolist()  # reshuffled each epoch
+    second = rows[rows >= 10][:14]
+    assert sorted(second[:7]) == list(range(10, 17)) == sorted(second[7:])
+
+
+def test_state_resumes_at_exactly_the_next_batch():
+    s = SourceSampler([5, 13, 29], 8, strategy="temperature", seed=11,
+                      source_tasks=[["a"], ["b"], ["c"]])
+    s.strategy = "dynamic"
+    s.update_losses({"a": 2.0, "b": 1.0, "c": 4.0})
+    for _ in range(9):  # crosses several epochs of the small sources
+        s.next_rows()
+    s.update_losses({"a": 1.0, "b": 0.9, "c": 1.0})
+    state = json.loads(json.dumps(s.state_dict()))  # a checkpoint stores it as JSON
+    expected = [s.next_rows() for _ in range(12)]
+    r = SourceSampler([5, 13, 29], 8, strategy="dynamic", seed=0,
+                      source_tasks=[["a"], ["b"], ["c"]])
+    r.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(r.next_rows(), want)
+
+
+def test_state_from_other_data_is_rejected():
+    state = SourceSampler([5, 13], 4).state_dict()
+    with pytest.raises(DataError, match="not the same data"):
+        SourceSampler([5, 14], 4).load_state_dict(state)
+    with pytest.raises(DataError, match="not a data iterator state"):
+        SourceSampler([5, 13], 4).load_state_dict({"version": 1})
+
+
+def test_dynamic_follows_the_remaining_loss_ratio():
+    s = SourceSampler([100, 100, 100], 32, strategy="dynamic",
+                      source_tasks=[["a"], ["b"], ["c", "d"]])
+    s.update_losses({"a": 2.0, "b": 1.0, "c": 1.0, "d": 1.0})  # L_t(start)
+    np.testing.assert_allclose(s.probabilities(), [1 / 3] * 3)
+    s.update_losses({"a": 0.2, "b": 0.8, "c": 0.5, "d": float("nan")})
+    # ratios: a 0.1, b 0.8, c 0.5 (d keeps 1.0: a NaN loss is ignored) -> source c: 0.75
+    np.testing.assert_allclose(s.probabilities(), np.array([0.1, 0.8, 0.75]) / 1.65)
+    assert s.start_losses["a"] == 2.0
+    s.update_losses({"a": 0.0})  # a solved task is still sampled, rarely
+    assert 0 < s.probabilities()[0] < 0.01
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="batch_size"):
+        SourceSampler([3], 0)
+    with pytest.raises(ConfigError, match="seed"):
+        SourceSampler([3], 2, seed=-1)
+    with pytest.raises(ConfigError, match="mixing"):
+        SourceSampler([3], 2, strategy="bogus")
+    with pytest.raises(DataError, match="at least one example"):
+        SourceSampler([3, 0], 2)

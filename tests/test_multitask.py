@@ -1,0 +1,287 @@
+"""The MTOP model and its baselines: DESIGN.md section 3's invariants and the modes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mtop_jax.errors import ConfigError
+from mtop_jax.models import pretrained
+from mtop_jax.models.config import PRESETS
+from mtop_jax.models.heads import MASKED_LOGIT
+from mtop_jax.models.multitask import (
+    MODES,
+    PARAM_GROUPS,
+    ModelConfig,
+    MultiTaskModel,
+    build_model,
+    load_backbone,
+    param_group,
+    param_labels,
+)
+from mtop_jax.sharding import shard_model, state_shardings
+
+TINY = PRESETS["tiny"]
+
+
+def make_tasks(n: int):
+    return [(f"task{t}", 1 if t % 4 == 3 else 2 + t % 5) for t in range(n)]
+
+
+def make_model(n=3, *, mode="mtop", seed=0, encoder_cfg=TINY, mesh=None, **kw) -> MultiTaskModel:
+    """A model in eval mode whose prompt-side parameters are all non-trivial."""
+    model = build_model(encoder_cfg, ModelConfig(mode=mode, **kw), make_tasks(n), seed=seed,
+                        mesh=mesh)
+    model.eval()
+    # Zero-initialised parameters (deep offsets, pooler queries, biases) would hide bugs.
+    nnx.update(model, perturb(nnx.state(model, nnx.Param), jax.random.key(seed + 1)))
+    return model
+
+
+@jax.jit
+def perturb(state, key):
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, vocab, (batch, length)).astype(np.int32)
+    lengths = np.linspace(length, 3, batch).astype(int)  # row 0 full, the others padded
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    ids = ids * mask
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def with_attention(model: MultiTaskModel, impl: str) -> MultiTaskModel:
+    """The same parameters, run through the other attention implementation."""
+    other = MultiTaskModel(model.encoder_cfg, ModelConfig(
+        **{**model.cfg.__dict__, "attention": impl}), model.tasks, rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(model))
+    other.eval()
+    return other
+
+
+# ------------------------------------------------------------------ fast == dense
+
+
+@pytest.mark.parametrize("depth", ["input", "deep"])
+@pytest.mark.parametrize("num_prompts", [1, 4])
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+def test_fast_path_equals_dense_reference(num_tasks, num_prompts, depth):
+    fast = make_model(num_tasks, num_prompts=num_prompts, prompt_depth=depth)
+    dense = with_attention(fast, "dense")
+    ids, mask = make_batch()
+    run = jax.jit(lambda m, i, k: (*m.mtop_states(i, k), m.logits(i, k)))
+    xf, pf, logits_f = run(fast, ids, mask)
+    xd, pd, logits_d = run(dense, ids, mask)
+    real = np.asarray(mask, bool)[..., None]
+    np.testing.assert_allclose(np.where(real, xf, 0), np.where(real, xd, 0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pf, pd, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits_f, logits_d, atol=1e-5, rtol=0)
+
+
+def test_dense_mask_structure():
+    from mtop_jax.models.prompt_attention import block_mask
+
+    mask = block_mask(jnp.array([[1, 1, 0]]), num_tasks=2, num_prompts=2)[0]
+    expected = np.array([
+        # keys: x0 x1 x2(pad) t0 t0 t1 t1
+        [1, 1, 0, 0, 0, 0, 0],  # input queries
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 1, 1, 0, 0],  # task 0 prompts
+        [1, 1, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1],  # task 1 prompts
+        [1, 1, 0, 0, 0, 1, 1],
+    ], bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+# ------------------------------------------------------------------ I1 and I2
+
+
+@pytest.mark.parametrize("depth", ["input", "deep"])
+def test_I1_input_states_do_not_depend_on_tasks(depth):
+    full = make_model(5, prompt_depth=depth)
+    ids, mask = make_batch()
+    states = jax.jit(lambda m, i, k: m.mtop_states(i, k)[0])
+    x_full = states(full, ids, mask)
+    for subset in (["task2"], ["task4", "task0"], ["task1", "task2", "task3"]):
+        np.testing.assert_array_equal(states(full.select_tasks(subset), ids, mask), x_full)
+
+
+@pytest.mark.parametrize("pooler", ["conditional", "prompt"])
+def test_I1_adding_a_task_leaves_other_logits_bit_identical(pooler):
+    full = make_model(4, pooler=pooler, prompt_depth="deep")
+    fewer = full.select_tasks(["task0", "task1", "task2"])
+    ids, mask = make_batch()
+    out_full = jax.jit(lambda m, i, k: m(i, k))(full, ids, mask)
+    out_fewer = jax.jit(lambda m, i, k: m(i, k))(fewer, ids, mask)
+    for name in out_fewer:
+        np.testing.assert_array_equal(out_fewer[name], out_full[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_I2_task_alone_equals_task_among_all(mode):
+    full = make_model(4, mode=mode, prompt_depth="deep")
+    ids, mask = make_batch()
+    out_full = jax.jit(lambda m, i, k: m(i, k))(full, ids, mask)
+    for name in full.task_names:
+        alone = jax.jit(lambda m, i, k: m(i, k))(full.select_tasks([name]), ids, mask)
+        np.testing.assert_allclose(alone[name], out_full[name], atol=1e-5, rtol=0,
+                                   err_msg=name)
+
+
+# ------------------------------------------------------------------ I3: cost
+
+
+def compiled_flops(model: MultiTaskModel, batch: int, length: int) -> float:
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, i, k: nnx.merge(graphdef, s).logits(i, k))
+    cost = fn.lower(state, ids, ids).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def abstract_model(n, **kw) -> MultiTaskModel:
+    return nnx.eval_shape(lambda: MultiTaskModel(TINY, ModelConfig(**kw), make_tasks(n),
+                                                 rngs=nnx.Rngs(0)))
+
+
+def test_I3_cost_is_linear_in_tasks_at_about_P_tokens_per_task():
+    batch, length, num_prompts = 2, 32, 4
+    flops = {n: compiled_flops(abstract_model(n, num_prompts=num_prompts), batch, length)
+             for n in (1, 8, 32)}
+    slope_low = (flops[8] - flops[1]) / 7
+    slope_high = (flops[32] - flops[8]) / 24
+    # No (N P)^2 term: the cost per added task is the same at N = 1..8 and 8..32.
+    assert slope_high == pytest.approx(slope_low, rel=0.01)
+    # One more task costs about P tokens of encoder work (plus its pooler and head).
+    shared = compiled_flops(abstract_model(1, mode="shared"), batch, length)
+    per_token = shared / (batch * length)
+    ratio = slope_low / (batch * num_prompts * per_token)
+    assert 0.9 < ratio < 1.3, ratio
+    # The input part is one plain pass: at N = 1 mtop costs shared + about one task.
+    assert flops[1] == pytest.approx(shared + slope_low, rel=0.05)
+
+
+def test_dense_reference_is_quadratic_so_the_cost_test_can_fail():
+    batch, length = 2, 32
+    flops = {n: compiled_flops(abstract_model(n, attention="dense"), batch, length)
+             for n in (1, 8, 32)}
+    assert (flops[32] - flops[8]) / 24 > 1.3 * (flops[8] - flops[1]) / 7
+
+
+# ------------------------------------------------------------------ meshes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_same_outputs_on_1_and_8_devices(mode, devices):
+    from mtop_jax.sharding import make_mesh
+
+    ids, mask = make_batch(batch=4)
+    outputs = []
+    for mesh in (make_mesh({"data": 1}, devices[:1]), make_mesh({"data": 2, "tensor": 4})):
+        m = make_model(3, mode=mode, prompt_depth="deep", mesh=mesh)
+        graphdef, state = nnx.split(m)
+        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        fn = jax.jit(lambda s, i, k, g=graphdef: nnx.merge(g, s).logits(i, k),
+                     in_shardings=(state_shardings(state, mesh), batch_sharding, batch_sharding),
+                     out_shardings=batch_sharding)
+        out = fn(state, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
+        assert len(out.sharding.device_set) == mesh.size
+        outputs.append(np.asarray(out))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, rtol=0)
+
+
+def test_tensor_parallel_params_are_really_sharded(devices):
+    from mtop_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    m = shard_model(make_model(3), mesh)
+    kernel = m.encoder.layers[0].ffn.intermediate.kernel.get_value()
+    assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (TINY.hidden_size,
+                                                        TINY.intermediate_size // 4)
+
+
+# ------------------------------------------------------------------ heads, groups, config
+
+
+def test_padded_classes_are_masked_and_dict_output_has_task_widths():
+    model = make_model(4)
+    ids, mask = make_batch()
+    padded = model.logits(ids, mask)
+    widths = [c for _, c in model.tasks]
+    assert padded.shape == (3, 4, max(widths))
+    for t, c in enumerate(widths):
+        assert np.all(np.asarray(padded[:, t, c:]) == MASKED_LOGIT)
+        assert np.all(np.asarray(padded[:, t, :c]) > MASKED_LOGIT / 2)
+    out = model(ids, mask)
+    assert {k: v.shape for k, v in out.items()} == {n: (3, c) for n, c in model.tasks}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_param_groups_cover_every_parameter(mode):
+    model = make_model(2, mode=mode, prefix_mlp_hidden=16 if mode == "prefix" else 0)
+    labels = jax.tree.leaves(param_labels(model))
+    assert set(labels) <= set(PARAM_GROUPS)
+    expected = {"mtop": set(PARAM_GROUPS), "prefix": set(PARAM_GROUPS),
+                "shared": {"backbone", "pooler", "heads"},
+                "single": {"backbone", "pooler", "heads"}}[mode]
+    assert set(labels) == expected
+    assert param_group(("encoder", "pooler", "dense", "kernel")) == "pooler"
+    assert param_group(("encoder", "layers", 0, "ffn", "output", "kernel")) == "backbone"
+
+
+def test_prefix_mlp_reparameterisation_runs_and_is_per_task():
+    model = make_model(3, mode="prefix", prefix_mlp_hidden=16)
+    ids, mask = make_batch()
+    full = model(ids, mask)
+    alone = model.select_tasks(["task1"])(ids, mask)
+    np.testing.assert_allclose(alone["task1"], full["task1"], atol=1e-5)
+
+
+def test_config_and_task_errors():
+    with pytest.raises(ConfigError, match="model.mode: 'bogus'"):
+        ModelConfig(mode="bogus")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ModelConfig.from_dict({"mode": "mtop", "promts": 3})
+    with pytest.raises(ConfigError, match="unknown tasks"):
+        make_model(2).select_tasks(["nope"])
+    with pytest.raises(ConfigError, match="duplicate task names"):
+        MultiTaskModel(TINY, ModelConfig(), [("a", 2), ("a", 3)], rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------ real weights
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_params():
+    model_dir = pretrained.default_model_dir()
+    cfg = pretrained.load_config(model_dir)
+    return cfg, pretrained.encoder_params(cfg, pretrained.read_safetensors(model_dir))
+
+
+def test_mtop_input_states_equal_the_bare_pretrained_encoder():
+    cfg, params = minilm_params()
+    encoder, _ = pretrained.load_encoder()
+    model = MultiTaskModel(cfg, ModelConfig(num_prompts=4, prompt_depth="deep"),
+                           make_tasks(3), rngs=nnx.Rngs(0))
+    load_backbone(model, params)
+    model.eval()
+    tok = pretrained.load_tokenizer()
+    batch = tok(["a package of shared libraries for parsing XML", "a game"],
+                padding="max_length", max_length=16, return_tensors="np")
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    x, _ = jax.jit(lambda m, i, k: m.mtop_states(i, k))(model, ids, mask)
+    hidden, _ = jax.jit(lambda e, i, k: e(i, k))(encoder, ids, mask)
+    np.testing.assert_array_equal(x, hidden)
