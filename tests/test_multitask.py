@@ -34,20 +34,17 @@ def make_tasks(n: int):
 
 def make_model(n=3, *, mode="mtop", seed=0, encoder_cfg=TINY, mesh=None, **kw) -> MultiTaskModel:
     """A model in eval mode whose prompt-side parameters are all non-trivial."""
-    model = build_model(encoder_cfg, ModelConfig(mode=mode, **kw), make_tasks(n), seed=seed,
-                        mesh=mesh)
+    # Built eagerly: the per-op compile caches make that cheaper than one jitted init per test.
+    model = MultiTaskModel(encoder_cfg, ModelConfig(mode=mode, **kw), make_tasks(n),
+                           rngs=nnx.Rngs(seed))
     model.eval()
     # Zero-initialised parameters (deep offsets, pooler queries, biases) would hide bugs.
-    nnx.update(model, perturb(nnx.state(model, nnx.Param), jax.random.key(seed + 1)))
-    return model
-
-
-@jax.jit
-def perturb(state, key):
+    state = nnx.state(model, nnx.Param)
     leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(tree, leaves))
+    return model if mesh is None else shard_model(model, mesh)
 
 
 def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
@@ -285,3 +282,18 @@ def test_mtop_input_states_equal_the_bare_pretrained_encoder():
     x, _ = jax.jit(lambda m, i, k: m.mtop_states(i, k))(model, ids, mask)
     hidden, _ = jax.jit(lambda e, i, k: e(i, k))(encoder, ids, mask)
     np.testing.assert_array_equal(x, hidden)
+
+
+def test_build_model_creates_params_already_sharded(devices):
+    from mtop_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = build_model(TINY, ModelConfig(), make_tasks(2), mesh=mesh)
+    kernel = model.encoder.layers[0].attention.query.kernel.get_value()
+    assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
+    prompts = model.prompts.embedding.get_value()
+    assert prompts.sharding.spec == PartitionSpec(None, None, "fsdp")
+    eager = MultiTaskModel(TINY, ModelConfig(), make_tasks(2), rngs=nnx.Rngs(0))
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                    jax.tree.leaves(nnx.state(eager, nnx.Param)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)  # same draws, ulp rounding

