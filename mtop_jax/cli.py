@@ -28,6 +28,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) MTOP or a baseline from a config file."""
+    _logging()
+    from mtop_jax.config_flags import load_config
+    from mtop_jax.train import train
+
+    config = load_config(args.config, args.extra)
+    train(config, args.workdir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a training workdir's latest checkpoint on a split."""
+    _logging()
+    from mtop_jax.train import evaluate_workdir
+
+    evaluate_workdir(args.workdir, args.split, args.step)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtop-jax",
@@ -38,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="all-MiniLM-L6-v2",
                    help="'all-MiniLM-L6-v2' (offline default), a local HF directory, or org/name")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "train", help="train MTOP or a baseline (resumes from the workdir's checkpoints)",
+        description="Overrides follow the config: --config.train.steps=100 "
+                    "--config.model.mode=shared")
+    p.add_argument("--config", required=True, help="configs/X.py or configs/X.py:arg")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and model files")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+    p = sub.add_parser("eval", help="evaluate a workdir's checkpoint on a split")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

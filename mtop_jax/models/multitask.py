@@ -148,7 +148,7 @@ class MultiTaskModel(nnx.Module):
     def _prefix_features(self, input_ids, attention_mask, token_type_ids):
         """N passes, folded into the batch: row (t, b) is text b under task t's prefix."""
         keys, values = self.prefix()  # [N, layers, P, h, d]
-        n, (b, length) = len(self.tasks), input_ids.shape
+        n, b = len(self.tasks), input_ids.shape[0]
         tile = lambda a: None if a is None else jnp.tile(a, (n, 1))  # [N*B, L], task-major
         x = self.encoder.embeddings(tile(input_ids), tile(token_type_ids))
         bias = padding_bias(tile(attention_mask))

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -49,7 +50,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _verified(path: Path, expected: str) -> Path:
     got = sha256_of(path)
     if got != expected:
@@ -133,7 +134,8 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+            raise WeightsError(
+                f"{index}: not a safetensors index with a weight_map ({e})") from None
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -247,9 +249,12 @@ def assign_params(module: nnx.Module, params: dict[tuple[Any, ...], np.ndarray])
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         if tuple(path) in params:
-            value = params[tuple(path)]
             current = var.get_value()
-            var.set_value(jnp.asarray(value, dtype=current.dtype))
+            value = np.asarray(params[tuple(path)], dtype=current.dtype)
+            # Keep the variable where it is: a sharded model stays sharded.
+            sharding = getattr(current, "sharding", None)
+            var.set_value(jax.device_put(value, sharding) if sharding is not None
+                          else jnp.asarray(value))
     nnx.update(module, nnx.from_flat_state(flat))
 
 

@@ -44,7 +44,8 @@ def main() -> None:
         last_hidden_state=out.last_hidden_state.numpy(),
         pooler_output=out.pooler_output.numpy(),
         texts=np.array(TEXTS),
-        versions=np.array([f"torch {torch.__version__}", f"transformers {transformers.__version__}"]),
+        versions=np.array([f"torch {torch.__version__}",
+                           f"transformers {transformers.__version__}"]),
     )
     print(f"wrote {dest}: ids {tuple(batch['input_ids'].shape)}")
 

@@ -1,0 +1,136 @@
+"""The jitted train and eval steps.
+
+``make_train_step`` returns a pure ``(state, batch) -> (state, metrics)``:
+forward in train mode, per-task losses over labelled rows, the loss weighting
+(``mtop_jax.weighting``), one optax update. Loss-based methods combine the
+losses inside the differentiated function (``uncertainty``'s log-variances are
+differentiated with the model and updated by their own Adam); gradient-based
+methods get the per-task gradients of every parameter from one forward and K
+vector-Jacobian products batched with ``jax.vmap``, and combine them on the
+shared parameters (the per-task ones take their own task's gradient). A step
+whose loss or gradient is not finite is not applied and is counted in
+``state.nonfinite_run``. The caller jits it with explicit shardings and
+donates the state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mtop_jax.losses import task_losses
+from mtop_jax.sharding import TASKS
+from mtop_jax.state import TrainState
+from mtop_jax.weighting import GradWeighting, LossWeighting, combine_grad_tree, per_task_grads
+
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "targets", "weights")
+
+
+def shared_mask(params: nnx.State) -> nnx.State:
+    """True for parameters shared by the tasks (no leading ``tasks`` axis)."""
+    flat = nnx.to_flat_state(params)
+
+    def shared(var) -> bool:
+        axes = var.get_metadata().get("out_sharding") or ()
+        return not (axes and axes[0] == TASKS)
+
+    return nnx.from_flat_state([(p, v.replace(shared(v))) for p, v in flat])
+
+
+def weighting_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    """For a weighting method's own learned parameters (uncertainty's log-variances)."""
+    return optax.adam(learning_rate)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    weighting: LossWeighting | GradWeighting, regression,
+                    weighting_tx: optax.GradientTransformation | None = None):
+    regression = jnp.asarray(regression)
+    weighting_tx = weighting_tx or weighting_optimizer(1e-2)
+
+    def forward(params, rest, batch):
+        """(losses [K], (present [K], counts [K], the model's new non-param state))."""
+        # Fresh Variables in this trace: dropout advances its RNG counter in place.
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+        logits = model.logits(batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"])
+        losses, present, counts = task_losses(logits, batch["labels"], batch["targets"],
+                                              batch["weights"], regression)
+        return losses, (present, counts, nnx.state(model, nnx.Not(nnx.Param)))
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        wstate, wparams, wopt = (state.weighting["state"], state.weighting["params"],
+                                 state.weighting["opt"])
+        if weighting.kind == "loss":
+
+            def total_loss(params, wparams):
+                losses, aux = forward(params, state.rest, batch)
+                total, w_aux = weighting.combine(losses, aux[0], wstate, wparams)
+                return total, (losses, aux, w_aux)
+
+            (total, (losses, (present, counts, rest), w_aux)), (grads, wgrads) = (
+                jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
+                    state.params, wparams))
+        else:
+            key = jax.random.fold_in(jax.random.key(0), state.step)
+            (losses, (present, counts, rest)), per_task = per_task_grads(
+                lambda p, b: forward(p, state.rest, b), state.params, batch, len(regression),
+                has_aux=True)
+            grads, wstate, w_aux = combine_grad_tree(
+                weighting, per_task, losses, present, wstate, key,
+                shared=shared_mask(state.params))
+            total, wgrads = jnp.sum(jnp.where(present, losses, 0.0)), {}
+
+        finite = jnp.isfinite(total) & _all_finite(grads) & _all_finite(wgrads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        wupdates, wopt_new = weighting_tx.update(wgrads, wopt, wparams)
+        wparams_new = optax.apply_updates(wparams, wupdates)
+        if weighting.kind == "loss":
+            if weighting.name == "famo":  # the paper's update: the same batch after the step
+                new_losses, (new_present, _, _) = forward(params, state.rest, batch)
+                wstate = weighting.update(wstate, losses, present, new_losses=new_losses,
+                                          new_present=new_present)
+            else:
+                wstate = weighting.update(wstate, losses, present)
+
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            rest=rest,
+            opt_state=keep(opt_state, state.opt_state),
+            weighting=keep({"state": wstate, "params": wparams_new, "opt": wopt_new},
+                           state.weighting),
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+        metrics = {"loss": jnp.sum(jnp.where(present, losses, 0.0)), "objective": total,
+                   "task_losses": losses, "present": present, "counts": counts,
+                   "finite": finite, **{f"weighting/{k}": v for k, v in w_aux.items()}}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, regression):
+    """(params, rest, batch) -> predictions [B, N] (class ids, or values for regression),
+    per-task loss sums and label counts, and the batch's example ``index``."""
+    regression = jnp.asarray(regression)
+
+    def step(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> dict:
+        model = nnx.merge(graphdef, params, rest)
+        logits = model.logits(batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"])
+        losses, _, counts = task_losses(logits, batch["labels"], batch["targets"],
+                                        batch["weights"], regression)
+        predictions = jnp.where(regression[None], logits[..., 0],
+                                jnp.argmax(logits, axis=-1).astype(jnp.float32))
+        return {"predictions": predictions, "loss_sums": losses * counts, "counts": counts,
+                "index": batch["index"]}
+
+    return step

@@ -1,0 +1,162 @@
+"""Multi-loss weighting, composable with optax and run inside the jitted train step.
+
+``make_weighting(name, num_tasks, **kwargs)`` builds one of
+
+- loss-based (:class:`LossWeighting`): ``static``, ``uncertainty`` (Kendall et al.
+  2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023);
+- gradient-based (:class:`GradWeighting`): ``pcgrad`` (Yu et al. 2020), ``mgda``
+  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023).
+
+A method is an immutable, hashable object holding hyper-parameters only. Its
+*state* (``method.init()``) is a dict of jnp arrays, always with an int32
+``"step"``: thread it through the step and save it in checkpoints next to the
+optimizer state. Everything is jnp (no host callback, no scipy): the min-norm and
+CAGrad problems are solved on the K x K Gram matrix with a fixed number of
+Frank-Wolfe steps (:mod:`mtop_jax.weighting.min_norm`).
+
+Inputs: ``losses: f32[K]``, each task's mean loss over its labelled examples, and
+``present: bool[K]``, whether the batch has a labelled example of the task. An
+absent task gets weight 0, its loss is never read (it only has to be finite, e.g.
+0) and it does not change the state (each class's docstring says how).
+``aux["weights"]`` is always each task's effective weight (the coefficient of its
+gradient), for logging.
+
+Loss-based, inside ``jax.jit``::
+
+    method = make_weighting("uncertainty", K)           # or "static", "dwa", "famo"
+    wstate, wparams = method.init(), method.init_params()   # wparams == {} but for uncertainty
+    opt_state = tx.init((params, wparams))
+
+    def loss_fn(params, wparams, batch):
+        losses, present = task_losses(params, batch)     # f32[K], bool[K]
+        total, aux = method.combine(losses, present, wstate, wparams)
+        return total, (losses, present, aux)
+
+    (_, (losses, present, aux)), grads = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, wparams, batch)
+    updates, opt_state = tx.update(grads, opt_state, (params, wparams))
+    params, wparams = optax.apply_updates((params, wparams), updates)
+    wstate = method.update(wstate, losses, present)
+    # FAMO as in the paper: the same batch's losses after the step (one more forward)
+    #   new_losses, new_present = task_losses(params, batch)
+    #   wstate = method.update(wstate, losses, present, new_losses=new_losses,
+    #                          new_present=new_present)
+
+``uncertainty``'s learned log-variances are ``wparams = {"log_vars": f32[K]}``: the
+trainer differentiates them with the model parameters (``argnums=(0, 1)``) and
+updates the pair ``(params, wparams)`` with the same optax chain (mask them out of
+weight decay, e.g. ``optax.adamw(..., mask=...)``), or with a second optax
+transformation of its own. For the other methods ``wparams`` is ``{}`` and costs
+nothing.
+
+Gradient-based, inside ``jax.jit``::
+
+    method = make_weighting("cagrad", K)                 # or "pcgrad", "mgda", "getmtl"
+    wstate = method.init()
+
+    (losses, present), grads = per_task_grads(task_losses, params, batch, K, has_aux=True)
+    # task_losses(params, batch) -> (losses, present); grads: params' tree, leaves [K, ...]
+    grad, wstate, aux = combine_grad_tree(method, grads, losses, present, wstate, key,
+                                          shared=is_shared)   # e.g. lambda path, leaf: ...
+    updates, opt_state = tx.update(grad, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+``key`` only matters for ``pcgrad`` (its random projection order); pass a fresh
+``jax.random.fold_in(key, step)`` per step. On a flat ``G: [K, D]``
+(:func:`grads_to_matrix`), ``d, wstate, aux = method.combine_grads(G, losses,
+present, wstate, key)`` and ``unravel(d)``. The cheaper variant that weights by
+the gradients of the shared features instead of the parameters is
+:func:`feature_weighted_grads` (``features = encode_fn(shared_params, batch)``,
+``losses = head_fn(head_params, features, batch)``).
+
+Scales: with equal weights ``static`` gives the sum of the task losses,
+``uncertainty`` half of it at init (``0.5 exp(-s)``), ``dwa`` the sum (weights sum
+to K), ``famo`` a convex combination of the gradients (``c z_k / L_k`` sums to 1),
+``pcgrad`` a sum of projected gradients, ``mgda`` a convex combination, ``cagrad``
+and ``getmtl`` K times their normalised direction (the authors' "match the sum
+loss"). Each follows its paper or reference code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.base import (
+    Aux,
+    GradWeighting,
+    LossWeighting,
+    Params,
+    State,
+    Weighting,
+    masked_softmax,
+)
+from mtop_jax.weighting.gradient_based import MGDA, CAGrad, GetMTL, PCGrad, gradient_scales
+from mtop_jax.weighting.grads import (
+    combine_grad_tree,
+    feature_weighted_grads,
+    grads_to_matrix,
+    gram_of_tree,
+    per_task_grads,
+)
+from mtop_jax.weighting.loss_based import DWA, FAMO, Static, Uncertainty
+from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_2d, min_norm_simplex
+
+#: name -> class, loss-based first
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    cls.name: cls for cls in (Static, Uncertainty, DWA, FAMO, PCGrad, MGDA, CAGrad, GetMTL)
+}
+LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
+GRADIENT_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "grad")
+
+
+def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradWeighting:
+    """The weighting called ``name`` for ``num_tasks`` tasks, with its hyper-parameters.
+
+    ``kwargs`` are the class's fields (e.g. ``weights`` for static, ``temperature``
+    for dwa, ``beta``/``gamma``/``optimizer`` for famo, ``c`` for cagrad, ``alpha``
+    for getmtl, ``normalization``/``num_iters`` for mgda). Raises ``ConfigError`` on
+    an unknown name or argument.
+    """
+    cls = WEIGHTINGS.get(str(name).lower())
+    if cls is None:
+        raise ConfigError(f"weighting: expected one of {tuple(WEIGHTINGS)}, got {name!r}")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_tasks"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ConfigError(
+            f"weighting {cls.name!r}: unknown argument(s) {unknown}; accepted: {sorted(fields)}"
+        )
+    return cls(num_tasks=num_tasks, **kwargs)
+
+
+__all__ = [
+    "Aux",
+    "CAGrad",
+    "DWA",
+    "FAMO",
+    "GRADIENT_BASED",
+    "GetMTL",
+    "GradWeighting",
+    "LOSS_BASED",
+    "LossWeighting",
+    "MGDA",
+    "PCGrad",
+    "Params",
+    "State",
+    "Static",
+    "Uncertainty",
+    "WEIGHTINGS",
+    "Weighting",
+    "cagrad_simplex",
+    "combine_grad_tree",
+    "feature_weighted_grads",
+    "gradient_scales",
+    "gram_of_tree",
+    "grads_to_matrix",
+    "make_weighting",
+    "masked_softmax",
+    "min_norm_2d",
+    "min_norm_simplex",
+    "per_task_grads",
+]

@@ -1,0 +1,212 @@
+"""Per-task gradients with one forward pass, and applying a gradient weighting to them.
+
+- :func:`per_task_grads`: ``jax.vjp`` of the per-task loss vector once, then its
+  VJP ``jax.vmap``-ed over the rows of the K x K identity: the K per-task
+  gradients, stacked on a leading axis of every leaf (memory: K gradients).
+- :func:`grads_to_matrix`: stacked gradients -> ``G: [K, D]`` and the ``unravel``
+  back (``jax.flatten_util.ravel_pytree``), for :meth:`GradWeighting.combine_grads`.
+- :func:`gram_of_tree` / :func:`combine_grad_tree`: the same without ever
+  concatenating the leaves into ``[K, D]``: the Gram matrix is a sum of per-leaf
+  contractions and ``d`` a per-leaf weighted sum, so every leaf keeps its
+  sharding. ``shared`` selects the leaves the method acts on; the others (task
+  heads) get the plain sum of the present tasks' gradients, as in the CAGrad,
+  GetMTL and Nash-MTL code, where the method only rewrites the shared gradients.
+- :func:`feature_weighted_grads`: the cheaper "shared features" variant (MGDA-UB,
+  Sener and Koltun 2018): weights from the per-task gradients of the shared
+  representation, then one backward pass of the weighted sum of losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.base import Aux, GradWeighting, State, as_mask
+
+PyTree = Any
+#: Which gradient leaves the method acts on: None (all), a pytree of bools with the
+#: structure of the parameters, or ``fn(path, leaf) -> bool`` (``path`` as in
+#: ``jax.tree_util.tree_flatten_with_path``; ``leaf`` is the stacked [K, ...] gradient).
+SharedSpec = PyTree | Callable[[tuple, jax.Array], bool] | None
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def per_task_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: Any,
+    num_tasks: int,
+    *,
+    has_aux: bool = False,
+) -> tuple[Any, PyTree]:
+    """Per-task losses and their gradients with one forward pass and K vmapped VJPs.
+
+    ``loss_fn(params, batch) -> losses: f32[K]`` (or ``(losses, aux)`` with
+    ``has_aux``). Returns ``(losses, grads)`` (``((losses, aux), grads)`` with
+    ``has_aux``, like ``jax.value_and_grad``), ``grads`` the pytree of ``params``
+    with a leading ``[K]`` axis on every leaf: ``grads[k] = d losses[k] / d params``.
+    """
+    f = lambda p: loss_fn(p, batch)
+    if has_aux:
+        losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+    else:
+        losses, vjp_fn = jax.vjp(f, params)
+    if losses.shape != (num_tasks,):
+        raise ConfigError(f"per_task_grads: loss_fn returned shape {losses.shape}, "
+                          f"expected ({num_tasks},)")
+    (grads,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+    return ((losses, aux) if has_aux else losses), grads
+
+
+def grads_to_matrix(grads: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """Stacked per-task gradients (leading [K] axis) -> ``(G: [K, D], unravel)``.
+
+    ``unravel(d: [D])`` is the gradient pytree of one task (leaf dtypes restored).
+    """
+    first = jax.tree.map(lambda x: x[0], grads)
+    _, unravel = ravel_pytree(first)
+    G = jax.vmap(lambda t: ravel_pytree(t)[0])(grads)
+    return G, unravel
+
+
+def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``[K, ...] x [K, ...] -> [K, K]`` contracting every non-leading axis, in float32."""
+    axes = tuple(range(1, a.ndim))
+    return jax.lax.dot_general(a, b, ((axes, axes), ((), ())), precision=_HI,
+                               preferred_element_type=jnp.float32)
+
+
+def gram_of_tree(grads: PyTree, present: jax.Array | None = None) -> jax.Array:
+    """``G G^T: f32[K, K]`` of stacked per-task gradients, leaf by leaf (no concatenation)."""
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        raise ConfigError("gram_of_tree: no gradient leaves")
+    k = leaves[0].shape[0]
+    mask = as_mask(present, k)
+    gram = jnp.zeros((k, k), jnp.float32)
+    for leaf in leaves:
+        leaf = _mask_rows(leaf, mask)
+        gram = gram + _contract(leaf, leaf)
+    return gram
+
+
+def _mask_rows(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
+def _weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """``sum_k weights_k x[k]`` in float32, cast back to ``x``'s dtype."""
+    out = jax.lax.dot_general(weights.astype(jnp.float32), x, (((0,), (0,)), ((), ())),
+                              precision=_HI, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+
+
+def _shared_flags(grads: PyTree, shared: SharedSpec) -> list[bool]:
+    with_path, _ = jax.tree_util.tree_flatten_with_path(grads)
+    if shared is None:
+        return [True] * len(with_path)
+    if callable(shared):
+        return [bool(shared(path, leaf)) for path, leaf in with_path]
+    flags = jax.tree.leaves(shared)
+    if len(flags) != len(with_path):
+        raise ConfigError(f"combine_grad_tree: shared has {len(flags)} leaves, "
+                          f"the gradients {len(with_path)}")
+    return [bool(f) for f in flags]
+
+
+def combine_grad_tree(
+    method: GradWeighting,
+    grads: PyTree,
+    losses: jax.Array,
+    present: jax.Array | None,
+    state: State,
+    key: jax.Array | None = None,
+    *,
+    shared: SharedSpec = None,
+) -> tuple[PyTree, State, Aux]:
+    """Apply a gradient weighting to stacked per-task gradients (from :func:`per_task_grads`).
+
+    Returns ``(grad, new_state, aux)``: ``grad`` has the structure of one task's
+    gradients (feed it to ``optimizer.update``). On the ``shared`` leaves it is the
+    method's direction ``sum_k weights_k g_k`` (weights from the Gram matrix of the
+    shared leaves only); on the other leaves the plain sum over present tasks.
+    """
+    leaves, treedef = jax.tree.flatten(grads)
+    k = method.num_tasks
+    for leaf in leaves:
+        if leaf.ndim < 1 or leaf.shape[0] != k:
+            raise ConfigError(f"combine_grad_tree: a gradient leaf has shape {leaf.shape}, "
+                              f"expected a leading axis of {k} tasks")
+    flags = _shared_flags(grads, shared)
+    mask = as_mask(present, k)
+    leaves = [_mask_rows(x, mask) for x in leaves]
+    shared_leaves = [x for x, f in zip(leaves, flags, strict=True) if f]
+    if not shared_leaves:
+        raise ConfigError("combine_grad_tree: no leaf is marked shared")
+    gram = jnp.zeros((k, k), jnp.float32)
+    for x in shared_leaves:
+        gram = gram + _contract(x, x)
+    weights, state, aux = method.weights_from_gram(gram, losses, mask, state, key)
+    ones = mask.astype(jnp.float32)
+    out = [_weighted_sum(weights if f else ones, x) for x, f in zip(leaves, flags, strict=True)]
+    return jax.tree.unflatten(treedef, out), state, aux
+
+
+def feature_weighted_grads(
+    method: GradWeighting,
+    encode_fn: Callable[[PyTree, Any], PyTree],
+    head_fn: Callable[..., Any],
+    shared_params: PyTree,
+    head_params: PyTree,
+    batch: Any,
+    present: jax.Array | None,
+    state: State,
+    key: jax.Array | None = None,
+    *,
+    has_aux: bool = False,
+) -> tuple[Any, tuple[PyTree, PyTree], State, Aux]:
+    """The "shared features" variant: weights from gradients of the shared representation.
+
+    The loss is split as ``features = encode_fn(shared_params, batch)`` (e.g. the
+    encoder output, any pytree) and ``losses = head_fn(head_params, features, batch)``
+    (``f32[K]``, or ``(losses, aux)`` with ``has_aux``). The per-task gradients
+    w.r.t. ``features`` (K vmapped VJPs of the cheap heads only) give the Gram
+    matrix and so the method's weights; then a single backward pass through the
+    encoder carries ``sum_k weights_k dL_k/dfeatures``, i.e. the gradient of
+    ``sum_k weights_k L_k`` (weights held constant). The heads get the plain sum of
+    their present tasks' gradients. One forward and one backward pass of the
+    encoder in all. The weights are those the method would compute if the
+    features were the parameters (exact for PCGrad/MGDA/CAGrad in feature space;
+    for GetMTL, whose ``rho`` and ``lambda`` depend on the absolute gradient
+    norm, the feature-gradient norm stands in for the parameter-gradient norm).
+
+    Returns ``(losses, (shared_grads, head_grads), new_state, aux)`` (``losses`` is
+    ``(losses, aux)`` with ``has_aux``).
+    """
+    features, enc_vjp = jax.vjp(lambda sp: encode_fn(sp, batch), shared_params)
+    f = lambda hp, feats: head_fn(hp, feats, batch)
+    if has_aux:
+        losses, head_vjp, head_aux = jax.vjp(f, head_params, features, has_aux=True)
+    else:
+        losses, head_vjp = jax.vjp(f, head_params, features)
+    k = method.num_tasks
+    if losses.shape != (k,):
+        raise ConfigError(f"feature_weighted_grads: head_fn returned shape {losses.shape}, "
+                          f"expected ({k},)")
+    head_grads, feat_grads = jax.vmap(head_vjp)(jnp.eye(k, dtype=losses.dtype))
+    mask = as_mask(present, k)
+    weights, state, aux = method.weights_from_gram(
+        gram_of_tree(feat_grads, mask), losses, mask, state, key
+    )
+    feat_cot = jax.tree.map(lambda g: _weighted_sum(weights, _mask_rows(g, mask)), feat_grads)
+    (shared_grads,) = enc_vjp(feat_cot)
+    ones = mask.astype(jnp.float32)
+    head_grads = jax.tree.map(lambda g: _weighted_sum(ones, _mask_rows(g, mask)), head_grads)
+    out_losses = (losses, head_aux) if has_aux else losses
+    return out_losses, (shared_grads, head_grads), state, aux
