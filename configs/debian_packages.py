@@ -25,12 +25,12 @@ def get_config(arg: str | None = None):
     c.model.pooler = "conditional"
 
     c.data = debian_packages_config()
-    c.data.max_length = 64  # first 64 tokens of a description: the synopsis and more
-    c.data.buckets = (32, 64)
+    c.data.max_length = 48  # the synopsis and the start of the description
+    c.data.buckets = (32, 48)
     c.data.batch_size = 32
     c.data.eval_batch_size = 128
 
-    c.optim.learning_rate = 1e-4
+    c.optim.learning_rate = 2e-4
     c.optim.lr_mult.prompts = 10.0
     c.optim.lr_mult.heads = 10.0
     c.optim.lr_mult.pooler = 10.0

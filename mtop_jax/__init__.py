@@ -1,0 +1,10 @@
+"""mtop-jax: one-forward-pass multi-task text classification (MTOP) in JAX/Flax NNX."""
+
+__version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """A predictor from a training workdir or an exported model (``mtop_jax.inference.load``)."""
+    from mtop_jax.inference import load as _load
+
+    return _load(path, **kwargs)

@@ -57,6 +57,116 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_atomic(path: str, write) -> None:
+    """Write through ``write(tmp_path)`` and rename: the output is whole or absent."""
+    from pathlib import Path
+
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    from mtop_jax.errors import MtopError
+    from mtop_jax.inference import read_texts
+
+    if bool(args.text) == bool(args.input):
+        raise MtopError("give texts with --text (repeatable) or --input FILE, not both")
+    return list(args.text) if args.text else read_texts(args.input, args.text_field)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Every task's label and probabilities for each text, one forward pass per batch."""
+    import mtop_jax
+
+    texts = _texts(args)
+    if args.text is None and args.output is None:
+        from mtop_jax.errors import MtopError
+
+        raise MtopError("--input needs --output")
+    predictor = mtop_jax.load(args.model, batch_size=args.batch_size)
+    if args.text:
+        for text, result in zip(texts, predictor.predict(texts)):
+            print(json.dumps({"text": text, **result}, ensure_ascii=False))
+        return 0
+    from tqdm import tqdm
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for start in tqdm(range(0, len(texts), args.batch_size), desc="predict",
+                              unit="batch"):
+                chunk = texts[start:start + args.batch_size]
+                for text, result in zip(chunk, predictor.predict(chunk)):
+                    f.write(json.dumps({"text": text, **result}, ensure_ascii=False) + "\n")
+
+    _write_atomic(args.output, write)
+    print(f"wrote {len(texts)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """The fixed representation [h_1; ..; h_N] of each text, as a .npy array."""
+    import numpy as np
+
+    import mtop_jax
+    from mtop_jax.inference import read_texts
+
+    texts = read_texts(args.input, args.text_field)
+    predictor = mtop_jax.load(args.model, batch_size=args.batch_size)
+    features = predictor.embed(texts)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, features)
+
+    _write_atomic(args.output, write)
+    print(f"wrote {features.shape} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """An inference-only model directory (and optionally a StableHLO forward)."""
+    import mtop_jax
+    from mtop_jax.export import save_model_dir
+
+    predictor = mtop_jax.load(args.workdir, step=args.step)
+    out = save_model_dir(predictor, args.out, stablehlo=args.format == "stablehlo")
+    print(f"exported step {predictor.step} to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_add_task(args: argparse.Namespace) -> int:
+    """Train a new task on a frozen model; the other tasks' outputs do not change."""
+    import mtop_jax
+    from mtop_jax.export import save_model_dir
+    from mtop_jax.task_edit import add_task
+
+    predictor = mtop_jax.load(args.model)
+    grown = add_task(predictor, args.data, args.task, args.field, text_field=args.text_field,
+                     steps=args.steps, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, seed=args.seed)
+    save_model_dir(grown, args.out)
+    print(f"added {args.task!r}: {list(grown.task_names)} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_remove_task(args: argparse.Namespace) -> int:
+    """A model directory without the given tasks."""
+    import mtop_jax
+    from mtop_jax.export import save_model_dir
+    from mtop_jax.task_edit import remove_tasks
+
+    smaller = remove_tasks(mtop_jax.load(args.model), args.task)
+    save_model_dir(smaller, args.out)
+    print(f"kept {list(smaller.task_names)} -> {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtop-jax",
@@ -81,6 +191,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation")
     p.add_argument("--step", type=int, default=None, help="default: the latest")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict every task for texts (one pass per batch)")
+    p.add_argument("--model", required=True, help="a training workdir or an exported model")
+    p.add_argument("--text", action="append", help="a text (repeatable); prints JSON lines")
+    p.add_argument("--input", help="JSONL/CSV (field --text-field) or .txt (a text a line)")
+    p.add_argument("--output", help="JSONL predictions, written whole or not at all")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("embed", help="fixed text representations [h_1; ..; h_N] to .npy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("export", help="an inference-only model directory from a workdir")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.add_argument("--format", choices=("orbax", "stablehlo"), default="orbax",
+                   help="stablehlo: also write predict.stablehlo (jax.export)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("add-task", help="train a new task on a frozen model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="JSONL/CSV with the text and the task's label")
+    p.add_argument("--task", required=True)
+    p.add_argument("--field", default=None, help="label field (dotted path); default: --task")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_add_task)
+
+    p = sub.add_parser("remove-task", help="a model directory without some tasks")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True, action="append")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_remove_task)
     return parser
 
 

@@ -185,3 +185,15 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert "== validation split, step 2" in capsys.readouterr().out
     assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "not a training workdir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["debian_packages", "glue", "toxicity", "tiny"])
+def test_every_config_file_loads_and_is_valid(name):
+    from mtop_jax.defaults import check_config
+    from mtop_jax.models.multitask import ModelConfig
+
+    for arg in ("", "shared"):
+        config = load_config(str(Path(TINY).with_name(f"{name}.py")) + (f":{arg}" if arg else ""))
+        check_config(config)
+        ModelConfig.from_dict(dict(config.model))
+        assert config.model.mode == (arg or "mtop")

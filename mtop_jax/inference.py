@@ -1,0 +1,228 @@
+"""Serving a trained model: load it anywhere, predict every task in one pass, embed.
+
+``mtop_jax.load(path)`` takes a training workdir (its latest checkpoint) or an
+exported model directory (``mtop-jax export``) and returns a :class:`Predictor`
+whose parameters are restored with orbax onto the caller's devices, whatever
+mesh trained them. Texts are tokenised with the model's own tokenizer and
+padded to a few length and batch buckets, so new batch sizes do not recompile
+each time; one jitted forward pass answers all tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mtop_jax.errors import DataError, MtopError
+from mtop_jax.models.multitask import MultiTaskModel
+from mtop_jax.state import ModelSpec, read_model_spec
+
+EXPORT_PARAMS = "params"
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def abstract_model(spec: ModelSpec) -> MultiTaskModel:
+    """The model's structure with no memory allocated, in eval mode."""
+    model = nnx.eval_shape(lambda: MultiTaskModel(spec.encoder, spec.model, spec.head_tasks,
+                                                  rngs=nnx.Rngs(0)))
+    model.eval()
+    return model
+
+
+def concrete_rest(abstract_rest: nnx.State) -> nnx.State:
+    """Values for the non-parameter variables (dropout RNG streams, unused in eval)."""
+
+    def make(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
+        return jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(make, abstract_rest)
+
+
+def _on(abstract: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        abstract)
+
+
+def restore_params(path: Path, spec: ModelSpec, sharding: jax.sharding.Sharding,
+                   step: int | None = None) -> tuple[nnx.State, int | None]:
+    """Parameters of an exported model or of a workdir checkpoint (latest by default)."""
+    _, abstract, _ = nnx.split(abstract_model(spec), nnx.Param, ...)
+    target = _on(abstract, sharding)
+    if (path / EXPORT_PARAMS).is_dir():
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore((path / EXPORT_PARAMS).absolute(), target), None
+    from mtop_jax.checkpointing import Checkpoints
+
+    checkpoints = Checkpoints(path, read_only=True)
+    step = checkpoints.latest_step() if step is None else step
+    checkpoints.close()
+    if step is None:
+        raise MtopError(f"{path}: a workdir without any checkpoint")
+    # Only the parameters of the saved train state (no optimizer moments).
+    with ocp.PyTreeCheckpointer() as ckpt:
+        restored = ckpt.restore(
+            (path / "checkpoints" / str(step) / "state").absolute(),
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args={"params": jax.tree.map(
+                    lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)},
+                partial_restore=True))
+    return restored["params"], step
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """Texts of a JSONL/CSV file (``text_field`` of each record) or of a .txt file (a line each).
+
+    Errors name the file and line; an empty file gives no texts.
+    """
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        return path.read_text(encoding="utf-8").splitlines()
+    from mtop_jax.data.local_files import read_records
+
+    if path.is_file() and path.stat().st_size == 0:
+        return []
+    return list(read_records(path, (), text_field=text_field).texts)
+
+
+def serving_length(path: Path, spec: ModelSpec) -> int:
+    """The max length the model was trained with (workdir config or export), else the encoder's."""
+    for name, key in (("model.json", ("serving", "max_length")),
+                      ("config.json", ("data", "max_length"))):
+        f = path / name
+        if f.is_file():
+            node: Any = json.loads(f.read_text())
+            for k in key:
+                node = node.get(k) if isinstance(node, dict) else None
+            if isinstance(node, int):
+                return node
+    return min(spec.encoder.max_length, 512)
+
+
+def load(path: str | Path, *, devices: Sequence[jax.Device] | None = None,
+         step: int | None = None, batch_size: int = 32) -> Predictor:
+    """A :class:`Predictor` from a training workdir or an exported model directory."""
+    from mtop_jax.models.pretrained import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MtopError(f"{path}: no such directory (expected a workdir or an exported model)")
+    spec = read_model_spec(path)
+    if not (path / EXPORT_PARAMS).is_dir() and not (path / "checkpoints").is_dir():
+        raise MtopError(f"{path}: has model.json but neither params/ nor checkpoints/")
+    devices = list(devices or jax.devices()[:1])
+    if len(devices) == 1:
+        sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    else:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, step = restore_params(path, spec, sharding, step)
+    tokenizer = load_tokenizer(path / "tokenizer")
+    return Predictor(spec, params, tokenizer, max_length=serving_length(path, spec),
+                     batch_size=batch_size, sharding=sharding, step=step)
+
+
+class Predictor:
+    """Every task's prediction for a list of texts, from one forward pass per batch."""
+
+    def __init__(self, spec: ModelSpec, params: nnx.State, tokenizer: Any, *, max_length: int,
+                 batch_size: int = 32, sharding: jax.sharding.Sharding | None = None,
+                 step: int | None = None):
+        self.spec, self.params, self.tokenizer = spec, params, tokenizer
+        self.max_length, self.batch_size, self.step = int(max_length), int(batch_size), step
+        self.graphdef, _, abstract_rest = nnx.split(abstract_model(spec), nnx.Param, ...)
+        self.rest = concrete_rest(abstract_rest)
+        if sharding is not None:
+            self.rest = jax.device_put(self.rest, sharding)
+        self.length_buckets = tuple(sorted(
+            {b for b in LENGTH_BUCKETS if b < self.max_length} | {self.max_length}))
+        self.batch_buckets = tuple(sorted({1, 8, self.batch_size}))
+        graphdef = self.graphdef
+        self._logits = jax.jit(lambda p, r, i, m, t: nnx.merge(graphdef, p, r).logits(i, m, t))
+        self._features = jax.jit(
+            lambda p, r, i, m, t: nnx.merge(graphdef, p, r).features(i, m, t))
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.spec.tasks)
+
+    # ------------------------------------------------------------------ batching
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token ids padded to a length bucket and a batch bucket (padding rows: length 1)."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                             padding=False)
+        longest = max((len(x) for x in enc["input_ids"]), default=1)
+        length = next(b for b in self.length_buckets if b >= longest)
+        rows = next((b for b in self.batch_buckets if b >= len(texts)), len(texts))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = np.full((rows, length), pad, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        types = np.zeros((rows, length), np.int32)
+        mask[len(texts):, 0] = 1  # padding rows: one unmasked token, no empty softmax
+        for r, seq in enumerate(enc["input_ids"]):
+            ids[r, :len(seq)] = seq
+            mask[r, :len(seq)] = 1
+            if "token_type_ids" in enc:
+                types[r, :len(seq)] = enc["token_type_ids"][r]
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    def batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            yield len(chunk), self.encode(chunk)
+
+    # ------------------------------------------------------------------ outputs
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, N, C] padded logits (fp32), one forward pass per batch of texts."""
+        out = [np.asarray(self._logits(self.params, self.rest, b["input_ids"],
+                                       b["attention_mask"], b["token_type_ids"]))[:n]
+               for n, b in self.batches(texts)]
+        width = max(c for _, c in self.spec.head_tasks)
+        return np.concatenate(out) if out else np.zeros((0, len(self.spec.tasks), width))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, N*H] the fixed text representation [h_1; ..; h_N] (DESIGN.md section 6)."""
+        out = [np.asarray(self._features(self.params, self.rest, b["input_ids"],
+                                         b["attention_mask"], b["token_type_ids"]))[:n]
+               for n, b in self.batches(texts)]
+        n_tasks, hidden = len(self.spec.tasks), self.spec.encoder.hidden_size
+        feats = np.concatenate(out) if out else np.zeros((0, n_tasks, hidden), np.float32)
+        return feats.reshape(len(feats), n_tasks * hidden)
+
+    def predict(self, texts: Sequence[str]) -> list[dict[str, dict[str, Any]]]:
+        """Per text, per task: ``{"label", "probabilities"}`` or ``{"value"}`` (regression)."""
+        return self.format(self.logits(texts))
+
+    def format(self, logits: np.ndarray) -> list[dict[str, dict[str, Any]]]:
+        results = []
+        for row in logits:
+            out: dict[str, dict[str, Any]] = {}
+            for t, task in enumerate(self.spec.tasks):
+                if task.is_regression:
+                    out[task.name] = {"value": float(row[t, 0])}
+                    continue
+                z = row[t, :task.num_classes].astype(np.float64)
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                out[task.name] = {"label": task.labels[int(p.argmax())],
+                                  "probabilities": {lab: float(q)
+                                                    for lab, q in zip(task.labels, p)}}
+            results.append(out)
+        return results
