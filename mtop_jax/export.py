@@ -58,8 +58,9 @@ def serialize_stablehlo(predictor: Predictor) -> bytes:
     graphdef, params, rest = predictor.graphdef, predictor.params, predictor.rest
 
     def forward(input_ids, attention_mask, token_type_ids):
-        return nnx.merge(graphdef, params, rest).logits(input_ids, attention_mask,
-                                                        token_type_ids)
+        # Fresh Variables in this trace; the weights become constants of the export.
+        p, r = jax.tree.map(lambda x: x, (params, rest))
+        return nnx.merge(graphdef, p, r).logits(input_ids, attention_mask, token_type_ids)
 
     (batch,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((batch, predictor.max_length), jnp.int32)

@@ -1,0 +1,103 @@
+"""The benchmark scripts' --quick sweeps run, write their JSON and PNG, and measure
+what they claim (benchmarks/README.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import forward_passes, train_step  # noqa: E402
+
+ROW_FIELDS = {"size", "mode", "tasks", "length", "batch", "status", "skip_reason", "flops",
+              "median_s", "min_s", "max_s", "times_s", "repeats", "spread", "compile_s"}
+
+
+def by_key(rows):
+    return {(r["mode"], r["tasks"]): r for r in rows}
+
+
+def test_forward_passes_quick(tmp_path, capsys):
+    result = forward_passes.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| N | mode" in out and "## Targets" in out
+
+    saved = json.loads((tmp_path / "forward_passes.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert {"device", "platform", "jax_version", "flax_version", "command", "date"} <= set(saved)
+    assert (tmp_path / "forward_passes.png").stat().st_size > 10_000
+
+    rows = by_key(saved["results"])
+    assert set(rows) == {(m, n) for m in forward_passes.MODES for n in (1, 4)}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert set(r) >= ROW_FIELDS
+        assert r["repeats"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["seq_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+        assert r["flops_per_seq"] > 0
+        assert r["relative_cost"] == pytest.approx(
+            r["median_s"] / rows[("shared", r["tasks"])]["median_s"])
+    assert rows[("prefix", 4)]["throughput_vs_prefix"] == pytest.approx(1.0)
+
+    # I3 in FLOPs: one pass costs far less than N passes and grows by about P/L per task.
+    flops = {k: r["flops_per_seq"] for k, r in rows.items()}
+    assert flops[("mtop", 4)] < 0.5 * flops[("prefix", 4)]
+    assert flops[("shared", 4)] <= 1.01 * flops[("shared", 1)]  # N heads only
+    for mode in ("prefix", "single"):  # N passes
+        assert flops[(mode, 4)] == pytest.approx(4 * flops[(mode, 1)], rel=0.05)
+    assert flops[("mtop-dense", 4)] > flops[("mtop", 4)]  # the (L + NP)^2 attention
+    cost = next(c for c in saved["cost_per_task"] if c["mode"] == "mtop")
+    assert cost["slope_flops"] == pytest.approx(cost["p_over_l"], rel=0.3)  # P/L = 2/16
+    assert any("cost per added task" in c["name"] for c in saved["checks"])
+    assert not any(c["target"] for c in saved["checks"])  # tiny is not the issue's setting
+
+
+def test_forward_passes_skips_what_does_not_fit(tmp_path, capsys):
+    result = forward_passes.main(["--quick", "--modes", "single,shared", "--tasks", "1,4",
+                                  "--max-param-gb", "0.0015", "--max-seconds", "1e-9",
+                                  "--no-plot", "--out", str(tmp_path)])
+    rows = by_key(result["results"])
+    # shared N=1 runs (nothing measured before it: no rate to predict from), stopping
+    # after one timed call; then every call is predicted to take too long.
+    assert rows[("shared", 1)]["status"] == "ok" and rows[("shared", 1)]["repeats"] == 1
+    assert rows[("shared", 4)]["skip_reason"].startswith("time:")
+    assert rows[("shared", 4)]["flops"] > 0  # counted before the skip
+    # four tiny encoders' parameters do not fit in 1.5 MB
+    assert rows[("single", 4)]["skip_reason"].startswith("memory: parameters need")
+    assert "skipped (memory" in capsys.readouterr().out
+    assert not (tmp_path / "forward_passes.png").exists()
+
+
+def check_train_rows(saved, methods):
+    rows = {(r["mode"], r["method"]): r for r in saved["results"]}
+    assert set(rows) == {("mtop", m) for m in methods}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert set(r) >= ROW_FIELDS and r["tasks"] == 4
+        assert r["finite"] and r["compile_s"] > 0 and r["flops"] > 0
+        assert r["examples_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["examples_per_s"] * r["length"])
+        assert 0 < r["real_tokens_per_s"] <= r["tokens_per_s"]
+    assert rows[("mtop", "static")]["time_vs_static"] == pytest.approx(1.0)
+    return rows
+
+
+def test_train_step_quick_static(tmp_path, capsys):
+    result = train_step.main(["--quick", "--methods", "static", "--out", str(tmp_path)])
+    assert "| mode | method" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "train_step.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert {"device", "platform", "jax_version", "flax_version", "command", "date"} <= set(saved)
+    assert (tmp_path / "train_step.png").stat().st_size > 10_000
+    check_train_rows(saved, ["static"])
+
+
+@pytest.mark.slow
+def test_train_step_quick_gradient_weighting_costs_more(tmp_path):
+    train_step.main(["--quick", "--out", str(tmp_path)])  # static and pcgrad
+    rows = check_train_rows(json.loads((tmp_path / "train_step.json").read_text()),
+                            ["static", "pcgrad"])
+    # K per-task backward passes instead of one
+    assert rows[("mtop", "pcgrad")]["flops_vs_static"] > 1.5

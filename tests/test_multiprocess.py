@@ -1,0 +1,183 @@
+"""Multi-host training with real processes on one machine (DESIGN.md section 8).
+
+Two local processes join with ``jax.distributed.initialize`` (through
+``mtop_jax.distributed.maybe_initialize`` and the ``JAX_COORDINATOR_ADDRESS``
+variables ``launch/gpu.sh`` sets) on the CPU backend, whose cross-process
+collectives are gloo over TCP. Each feeds its own slice of every global batch
+and trains the tiny config into one shared workdir (orbax writes the
+checkpoint from both, the metrics come from process 0 alone). A one-process
+run over as many devices on the same global batch must give the same losses
+and the same final parameters.
+
+Every run is a subprocess with its own environment: the test session's
+``XLA_FLAGS`` (8 fake devices, conftest.py) must not leak into them. All of
+them compile with ``--xla_backend_optimization_level=0``, which cuts the
+train step's compile time about threefold on a small CPU; the comparison is
+between runs with identical flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtop_jax.distributed import detect
+from mtop_jax.transfer import read_params
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+TIMEOUT_S = 300
+
+WORKER = """
+import json, sys
+from mtop_jax.distributed import maybe_initialize
+
+joined = maybe_initialize()  # before anything touches a device
+import jax
+from mtop_jax.config_flags import load_config
+from mtop_jax.train import train
+
+config, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+train(load_config(config, overrides), workdir)
+print("MTOP_WORKER", json.dumps({"joined": joined, "process": jax.process_index(),
+      "processes": jax.process_count(), "local_devices": jax.local_device_count(),
+      "devices": jax.device_count()}), flush=True)
+"""
+
+STEPS = 4
+OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+             "--config.train.eval_split=''", "--config.train.test_split=''",
+             f"--config.train.checkpoint_every={STEPS}", "--config.predict_examples=0",
+             "--config.train.async_checkpointing=True"]
+
+#: Variables of a surrounding cluster that would make a worker join the wrong job.
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "MTOP_JAX_")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(local_devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+    env.pop("XLA_FLAGS", None)
+    env.update(JAX_PLATFORMS="cpu", TRANSFORMERS_VERBOSITY="error",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices} "
+                         "--xla_backend_optimization_level=0", **extra)
+    return env
+
+
+def start(workdir: Path, overrides: list[str], env: dict[str, str], log: Path):
+    out = open(log, "w")  # noqa: SIM115 - closed by finish()
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, TINY, str(workdir),
+                             json.dumps(overrides)], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+    proc.log, proc.out = log, out
+    return proc
+
+
+def finish(procs: list, timeout: float = TIMEOUT_S) -> list[dict]:
+    """Wait for all; if one fails or time runs out, kill the rest and show the logs."""
+    deadline = time.monotonic() + timeout
+    failed = None
+    while any(p.poll() is None for p in procs):
+        failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+        if failed is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.out.close()
+    reports, problems = [], []
+    for i, p in enumerate(procs):
+        text = p.log.read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith("MTOP_WORKER ")]
+        if p.returncode != 0 or not lines:
+            problems.append(f"--- process {i}: exit {p.returncode}\n{text[-6000:]}")
+        else:
+            reports.append(json.loads(lines[-1].split(" ", 1)[1]))
+    if problems:
+        pytest.fail("a training process failed or timed out:\n" + "\n".join(problems))
+    return reports
+
+
+def train_records(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("local_devices,mesh", [
+    (1, {"data": -1}),  # pure data parallelism: one device per process
+    (2, {"data": 1, "fsdp": -1}),  # parameters and optimizer state split across processes
+], ids=["2x1-data", "2x2-fsdp"])
+def test_two_processes_equal_one(tmp_path, local_devices, mesh):
+    overrides = OVERRIDES + [f"--config.mesh.{k}={v}" for k, v in
+                             {"data": 1, "fsdp": 1, "tensor": 1, **mesh}.items()]
+    multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+    port = free_port()
+    procs = [start(multi, overrides,
+                   worker_env(local_devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                   tmp_path / f"process{i}.log")
+             for i in range(2)]
+    procs.append(start(single, overrides,
+                       worker_env(2 * local_devices, MTOP_JAX_DISTRIBUTED="0"),
+                       tmp_path / "single.log"))
+    reports = finish(procs)
+
+    total = 2 * local_devices
+    assert reports[:2] == [{"joined": True, "process": i, "processes": 2,
+                            "local_devices": local_devices, "devices": total}
+                           for i in range(2)]
+    assert reports[2] == {"joined": False, "process": 0, "processes": 1,
+                          "local_devices": total, "devices": total}
+
+    # Process 0 alone wrote the metrics: one record a step, not two.
+    got, want = train_records(multi), train_records(single)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        losses = sorted(k for k in b if k == "loss" or k.endswith("/loss"))
+        assert sorted(k for k in a if k == "loss" or k.endswith("/loss")) == losses
+        for key in losses:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+    # Both processes wrote their shards of one checkpoint; it equals the one-process run's.
+    a, b = read_params(multi), read_params(single)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0, err_msg="/".join(key))
+    assert (multi / "model.json").is_file() and (multi / "config.json").is_file()
+
+
+def test_detect_reads_the_environment():
+    assert detect({}) is None
+    assert detect({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+                   "JAX_PROCESS_ID": "1"}) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+        "cluster_detection_method": "deactivate"}
+    # Only the address: JAX detects the rest (Slurm, Open MPI).
+    assert detect({"JAX_COORDINATOR_ADDRESS": "h:1"}) == {"coordinator_address": "h:1"}
+    assert detect({"MTOP_JAX_DISTRIBUTED": "1"}) == {}
+    assert detect({"MTOP_JAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "h:1"}) is None
+    assert detect({"TPU_WORKER_HOSTNAMES": "w0"}) is None  # a single-host slice
+    assert detect({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == {}
+    assert detect({"MEGASCALE_NUM_SLICES": "2"}) == {}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+             "SLURM_STEP_NODELIST": "gpu[01-02]"}
+    assert detect(slurm) == {}
+    assert detect({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert detect({k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}) is None
+    assert detect({"OMPI_COMM_WORLD_SIZE": "4"}) == {}
