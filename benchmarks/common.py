@@ -23,6 +23,11 @@ import numpy as np
 GB = 1024**3
 
 
+def gb(n_bytes: float) -> str:
+    """Bytes as GB (GiB) with 3 significant digits."""
+    return f"{n_bytes / GB:.3g} GB"
+
+
 # ---------------------------------------------------------------------------- CLI helpers
 
 
@@ -70,6 +75,7 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
         "platform": device.platform,
         "num_devices_visible": jax.device_count(),
         "host_cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "host": platform.platform(),
         "python": platform.python_version(),
         "jax_version": jax.__version__,
@@ -78,6 +84,16 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
         "command": [sys.argv[0], *argv] if argv is not None else list(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _jaxlib_version() -> str | None:
@@ -245,6 +261,20 @@ def padded_batch(batch: int, length: int, vocab: int, seed: int = 0
 # ---------------------------------------------------------------------------- output
 
 
+def noise_note(rows: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str],
+               threshold: float = 0.10) -> str | None:
+    """A warning line when timed settings spread more than ``threshold`` over their repeats:
+    a busy machine (other jobs, thermal throttling) makes the numbers unfit to report."""
+    timed = [r for r in rows if r.get("status") == "ok" and r.get("repeats", 0) > 1]
+    noisy = sorted((r for r in timed if r["spread"] > threshold), key=lambda r: -r["spread"])
+    if not noisy:
+        return None
+    worst = noisy[0]
+    return (f"Noise: {len(noisy)} of {len(timed)} timed settings spread more than "
+            f"{100 * threshold:.0f}% ((max - min) / median; worst {100 * worst['spread']:.0f}% "
+            f"at {label(worst)}). On a busy machine these are not the figures to report.")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
                    align: str | None = None) -> str:
     """A GitHub Markdown table; ``align``: one of 'l'/'r' per column (default: first left)."""
@@ -278,6 +308,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -49,8 +49,10 @@ from benchmarks.common import (
     environment,
     fill_defaults,
     fmt,
+    gb,
     int_list,
     markdown_table,
+    noise_note,
     padded_batch,
     pyplot,
     random_state,
@@ -121,14 +123,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="compute dtype (params stay float32)")
     p.add_argument("--max-param-gb", type=float, default=8.0,
-                   help="skip settings whose parameters need more (from nnx.eval_shape)")
+                   help="skip settings whose parameters need more (from nnx.eval_shape; "
+                        "default 8)")
     p.add_argument("--max-mem-gb", type=float, default=None,
                    help="skip settings whose compiled program needs more (XLA memory "
                         "analysis: arguments + outputs + temporaries); default 90%% of an "
                         "accelerator's memory, half the host RAM on CPU")
     p.add_argument("--max-seconds", type=float,
                    help="time budget per setting: a setting whose one call is predicted "
-                        "(its FLOPs at the best FLOP rate seen so far) to take longer is "
+                        "(its FLOPs at the best FLOP rate measured so far for the same size) "
+                        "to take longer is "
                         "skipped, and timing stops early once the timed calls add up to it "
                         f"(default {FULL['max_seconds']:g})")
     p.add_argument("--out", type=Path, help="directory for forward_passes.json and .png")
@@ -176,8 +180,10 @@ def model_config(s: Setting, dtype: str) -> ModelConfig:
                        attention="dense" if s.mode == "mtop-dense" else "fast", dtype=dtype)
 
 
-def run_setting(s: Setting, args: argparse.Namespace, best_rate: list[float]) -> dict[str, Any]:
-    """Compile, check the budgets, time. ``best_rate``: [best FLOP/s so far], updated."""
+def run_setting(s: Setting, args: argparse.Namespace,
+                best_rate: dict[str, float]) -> dict[str, Any]:
+    """Compile, check the budgets, time. ``best_rate``: size -> the best FLOP/s measured so
+    far for that size (the time guard's estimate; updated here)."""
     enc = PRESETS[s.size]
     row: dict[str, Any] = {**dataclasses.asdict(s), "dtype": args.dtype, "status": "ok",
                            "skip_reason": None}
@@ -194,8 +200,8 @@ def run_setting(s: Setting, args: argparse.Namespace, best_rate: list[float]) ->
     graphdef, abstract_state = nnx.split(abstract)
     row["param_bytes"] = tree_bytes(nnx.state(abstract, nnx.Param))
     if row["param_bytes"] > args.max_param_gb * GB:
-        return skipped(row, f"memory: parameters need {row['param_bytes'] / GB:.1f} GB > "
-                            f"--max-param-gb {args.max_param_gb:g}")
+        return skipped(row, f"memory: parameters need {gb(row['param_bytes'])} > "
+                            f"--max-param-gb {args.max_param_gb:.3g}")
 
     fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).logits(ids, mask))
     spec = jax.ShapeDtypeStruct((s.batch, s.length), jnp.int32)
@@ -206,10 +212,10 @@ def run_setting(s: Setting, args: argparse.Namespace, best_rate: list[float]) ->
     row["flops_per_seq"] = row["flops"] / s.batch if row["flops"] is not None else None
     row["memory_bytes"] = compiled_memory_bytes(compiled)
     if row["memory_bytes"] is not None and row["memory_bytes"] > args.max_mem_gb * GB:
-        return skipped(row, f"memory: needs {row['memory_bytes'] / GB:.1f} GB > "
-                            f"--max-mem-gb {args.max_mem_gb:.1f}")
-    if row["flops"] and best_rate[0] > 0:
-        predicted = row["flops"] / best_rate[0]
+        return skipped(row, f"memory: needs {gb(row['memory_bytes'])} > "
+                            f"--max-mem-gb {args.max_mem_gb:.3g}")
+    if row["flops"] and best_rate.get(s.size):
+        predicted = row["flops"] / best_rate[s.size]
         if predicted > args.max_seconds:
             return skipped(row, f"time: ~{predicted:.0f} s per call > --max-seconds "
                                 f"{args.max_seconds:g}")
@@ -222,7 +228,7 @@ def run_setting(s: Setting, args: argparse.Namespace, best_rate: list[float]) ->
     row["seq_per_s"] = s.batch / row["median_s"]
     if row["flops"]:
         row["flops_per_s"] = row["flops"] / row["median_s"]
-        best_rate[0] = max(best_rate[0], row["flops_per_s"])
+        best_rate[s.size] = max(best_rate.get(s.size, 0.0), row["flops_per_s"])
     return row
 
 
@@ -435,6 +441,10 @@ def report(rows, costs, found_checks, args, env) -> str:
         lines.append(f"- {tag} {verdict}: {c['name']} [{c['size']} L={c['length']} "
                      f"B={c['batch']} P={c['prompts']}]: {c['value']:.4g} (needs {op} "
                      f"{c['threshold']:.4g}); {c['detail']}")
+    note = noise_note(rows, lambda r: Setting(**{f.name: r[f.name] for f in
+                                                  dataclasses.fields(Setting)}).label())
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -487,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment(argv if argv is not None else sys.argv[1:])
     todo = settings(args)
     rows: list[dict[str, Any]] = []
-    best_rate = [0.0]
+    best_rate: dict[str, float] = {}
     progress = tqdm(todo, desc="forward", unit="setting", dynamic_ncols=True)
     for s in progress:
         progress.set_postfix_str(s.label())

@@ -46,8 +46,10 @@ from benchmarks.common import (
     environment,
     fill_defaults,
     fmt,
+    gb,
     int_list,
     markdown_table,
+    noise_note,
     pyplot,
     save_figure,
     str_list,
@@ -116,12 +118,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "default 90%% of an accelerator's memory, half the host RAM on CPU")
     p.add_argument("--max-seconds", type=float,
                    help="time budget per setting: skipped when one step is predicted (its "
-                        "FLOPs at the best FLOP rate seen so far) to take longer; timing "
+                        "FLOPs at the best FLOP rate measured so far for the same size) to "
+                        "take longer; timing "
                         f"stops early once the timed steps add up to it "
                         f"(default {FULL['max_seconds']:g})")
     p.add_argument("--out", type=Path, help="directory for train_step.json and .png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--quick", action="store_true", help="a tiny sweep that runs in seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny sweep: about a minute on a 2-core CPU (two train-step compiles)")
     args = p.parse_args(argv)
     fill_defaults(args, QUICK if args.quick else FULL)
     try:
@@ -196,7 +200,7 @@ def estimated_bytes(s: Setting, args, vocab_size: int, num_tasks: int, grad_base
 
 
 def run_setting(s: Setting, args: argparse.Namespace, data: Data,
-                best_rate: list[float]) -> dict[str, Any]:
+                best_rate: dict[str, float]) -> dict[str, Any]:
     config = make_config(s, args)
     row: dict[str, Any] = {**dataclasses.asdict(s), "prompts": args.prompts,
                            "dtype": args.dtype, "status": "ok", "skip_reason": None,
@@ -209,9 +213,9 @@ def run_setting(s: Setting, args: argparse.Namespace, data: Data,
     row["estimated_bytes"] = estimated_bytes(s, args, len(tokenizer), len(dataset.tasks),
                                              row["kind"] == "grad")
     if row["estimated_bytes"] > args.max_mem_gb * GB:
-        return skipped(row, f"memory: ~{row['estimated_bytes'] / GB:.1f} GB of parameters, "
+        return skipped(row, f"memory: ~{gb(row['estimated_bytes'])} of parameters, "
                             f"gradients and optimizer state > --max-mem-gb "
-                            f"{args.max_mem_gb:.1f}")
+                            f"{args.max_mem_gb:.3g}")
 
     t0 = time.perf_counter()
     device = jax.devices()[0]
@@ -236,10 +240,10 @@ def run_setting(s: Setting, args: argparse.Namespace, data: Data,
     row["flops"] = compiled_flops(compiled)
     row["memory_bytes"] = compiled_memory_bytes(compiled)
     if row["memory_bytes"] is not None and row["memory_bytes"] > args.max_mem_gb * GB:
-        return skipped(row, f"memory: needs {row['memory_bytes'] / GB:.1f} GB > "
-                            f"--max-mem-gb {args.max_mem_gb:.1f}")
-    if row["flops"] and best_rate[0] > 0:
-        predicted = row["flops"] / best_rate[0]
+        return skipped(row, f"memory: needs {gb(row['memory_bytes'])} > "
+                            f"--max-mem-gb {args.max_mem_gb:.3g}")
+    if row["flops"] and best_rate.get(s.size):
+        predicted = row["flops"] / best_rate[s.size]
         if predicted > args.max_seconds:
             return skipped(row, f"time: ~{predicted:.0f} s per step > --max-seconds "
                                 f"{args.max_seconds:g}")
@@ -260,7 +264,7 @@ def run_setting(s: Setting, args: argparse.Namespace, data: Data,
     row["real_tokens_per_s"] = row["examples_per_s"] * row["real_tokens_per_example"]
     if row["flops"]:
         row["flops_per_s"] = row["flops"] / row["median_s"]
-        best_rate[0] = max(best_rate[0], row["flops_per_s"])
+        best_rate[s.size] = max(best_rate.get(s.size, 0.0), row["flops_per_s"])
     return row
 
 
@@ -323,6 +327,10 @@ def report(rows: list[dict[str, Any]], args, env) -> str:
             ["mode", "method", "kind", "compile s", "ms/step", "spread", "examples/s",
              "tokens/s", "real tok/s", "GFLOP/step", "time / static", "FLOPs / static"],
             table, align="lllrrrrrrrrr"))
+    note = noise_note(rows, lambda r: Setting(**{f.name: r[f.name] for f in
+                                                  dataclasses.fields(Setting)}).label())
+    if note:
+        lines += ["", note]
     bad = [r for r in rows if ok(r) and not r["finite"]]
     if bad:
         lines += ["", "Non-finite loss or gradient in the last timed step (not applied): "
@@ -371,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment(argv if argv is not None else sys.argv[1:])
     data = Data()
     rows: list[dict[str, Any]] = []
-    best_rate = [0.0]
+    best_rate: dict[str, float] = {}
     progress = tqdm(settings(args), desc="train_step", unit="setting", dynamic_ncols=True)
     for s in progress:
         progress.set_postfix_str(s.label())
