@@ -32,8 +32,11 @@ class Checkpoints:
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             enable_async_checkpointing=async_save, read_only=read_only,
             create=not read_only, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        # Handlers named (not only the items) so that item_metadata() can read a step's tree.
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -62,6 +65,14 @@ class Checkpoints:
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out.state
+
+    def restore_on_one_device(self, step: int) -> Any:
+        """The saved state on this process's first device, whatever mesh and however many
+        processes saved it (the saved shardings name devices this process may not have)."""
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                              self.manager.item_metadata(step)["state"])
+        return self.restore_state(step, target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

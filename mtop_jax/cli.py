@@ -40,6 +40,9 @@ def _logging() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) MTOP or a baseline from a config file."""
     _logging()
+    from mtop_jax.distributed import maybe_initialize
+
+    maybe_initialize()  # multi-host (a TPU slice, several GPU nodes): before any device use
     from mtop_jax.config_flags import load_config
     from mtop_jax.train import train
 
@@ -51,6 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a training workdir's latest checkpoint on a split."""
     _logging()
+    from mtop_jax.distributed import maybe_initialize
+
+    maybe_initialize()
     from mtop_jax.train import evaluate_workdir
 
     evaluate_workdir(args.workdir, args.split, args.step)

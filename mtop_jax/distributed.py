@@ -77,11 +77,13 @@ def detect(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     return None
 
 
-def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
+def maybe_initialize(environ: Mapping[str, str] | None = None, *,
+                     quiet_others: bool = True) -> bool:
     """``jax.distributed.initialize`` when multi-host (see the module doc); idempotent.
 
     Returns whether JAX's distributed runtime is up after the call. Must run
     before any JAX call that creates a backend (``jax.devices()``, any array).
+    ``quiet_others``: processes other than 0 log warnings and errors only.
     """
     import jax
 
@@ -91,9 +93,9 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
     if kwargs is None:
         return False
     env = os.environ if environ is None else environ
-    platforms = env.get("JAX_PLATFORMS", "")
-    if platforms.split(",")[0].strip() == "cpu":
-        # Cross-process collectives on the CPU backend (tests, CPU clusters): gloo over TCP.
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
+        # Cross-process collectives of the CPU backend (tests, CPU clusters): gloo over
+        # TCP (JAX's default today, said here so a change of default cannot break it).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     shown = {k: v for k, v in kwargs.items() if k != "cluster_detection_method"}
     log.info("jax.distributed.initialize(%s)",
@@ -101,10 +103,7 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+    if quiet_others and jax.process_index() != 0:
+        logging.getLogger("mtop_jax").setLevel(logging.WARNING)
     return True
 
-
-def is_main_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0

@@ -7,8 +7,23 @@ import os
 import tempfile
 from pathlib import Path
 
+from etils import epath
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """A gs:// (or other URI) path: written through etils.epath, as orbax does."""
+    return "://" in str(path)
+
+
+def as_path(path: str | os.PathLike) -> Path | epath.Path:
+    """pathlib for local paths; etils.epath for gs:// (pathlib would turn it into gs:/...)."""
+    return epath.Path(path) if is_remote(path) else Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    if is_remote(path):  # an object store replaces an object whole
+        epath.Path(path).write_text(text)
+        return
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

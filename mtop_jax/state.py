@@ -143,20 +143,35 @@ def create_state(model: MultiTaskModel, tx: optax.GradientTransformation,
 
 def write_model_files(workdir: Path, spec: ModelSpec, tokenizer: Any, config_json: str) -> None:
     """``model.json``, ``config.json`` and ``tokenizer/`` in the workdir (atomically)."""
-    from mtop_jax.files import atomic_write_text
+    import tempfile
 
+    from mtop_jax.files import as_path, atomic_write_text, is_remote
+
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "model.json", spec.to_json())
     atomic_write_text(workdir / "config.json", config_json)
     tok_dir = workdir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        tmp = workdir / "tokenizer.tmp"
-        tokenizer.save_pretrained(str(tmp))
-        tmp.replace(tok_dir)
+    if (tok_dir / "tokenizer.json").is_file():
+        return
+    if is_remote(workdir):  # save_pretrained writes local files: save, then copy them up
+        with tempfile.TemporaryDirectory() as local:
+            tokenizer.save_pretrained(local)
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            names = sorted(p.name for p in Path(local).iterdir())  # tokenizer.json last
+            names.sort(key=lambda name: name == "tokenizer.json")
+            for name in names:
+                (tok_dir / name).write_bytes((Path(local) / name).read_bytes())
+        return
+    tmp = workdir / "tokenizer.tmp"
+    tokenizer.save_pretrained(str(tmp))
+    tmp.replace(tok_dir)
 
 
 def read_model_spec(workdir: Path) -> ModelSpec:
-    path = Path(workdir) / "model.json"
+    from mtop_jax.files import as_path
+
+    path = as_path(workdir) / "model.json"
     if not path.is_file():
         raise MtopError(f"{workdir}: not a mtop-jax workdir or model (no model.json)")
     return ModelSpec.from_json(path.read_text(), source=str(path))

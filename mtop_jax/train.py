@@ -30,6 +30,7 @@ from mtop_jax.checkpointing import Checkpoints
 from mtop_jax.data.pipeline import Dataset, build_dataset
 from mtop_jax.defaults import check_config
 from mtop_jax.errors import ConfigError, MtopError
+from mtop_jax.files import as_path
 from mtop_jax.metric_writers import MetricWriter
 from mtop_jax.metrics import task_metrics
 from mtop_jax.models.multitask import ModelConfig
@@ -118,17 +119,33 @@ def weighting_scalars(metrics: dict, tasks) -> dict[str, float]:
 
 
 class Preemption:
-    """SIGTERM (a preempted TPU VM, a cluster's kill) -> save and exit cleanly."""
+    """SIGTERM (a preempted TPU VM, a cluster's kill) -> save and exit cleanly.
+
+    One process: a Python SIGTERM handler raises a flag. Several processes: JAX's
+    preemption service (started by ``jax.distributed.initialize``) catches SIGTERM on
+    any of them, and ``reached_preemption_sync_point`` turns true at the same step on
+    all, so they save together; a Python handler would hide the signal from it.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multihost = jax.process_count() > 1
+        self._previous = (None if self.multihost
+                          else signal.signal(signal.SIGTERM, self._handle))
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def check(self, step: int) -> bool:
+        if self.multihost and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def count_flops(compiled) -> float:
@@ -218,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
 
     ``stop_at``: behave as if preempted after that step (save, return {}).
     """
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # gs:// stays gs:// (pathlib would make it gs:/)
     check_config(config)
     tcfg = config.train
     is_main = jax.process_index() == 0
@@ -315,7 +332,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
                 window.exclude(time.perf_counter() - t0)
             if stop_at is not None and step >= stop_at:
                 preemption.requested = True
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or preemption.requested:
+            if (preemption.check(step) or step % tcfg.checkpoint_every == 0
+                    or step == tcfg.steps):
                 checkpoints.save(step, state, train_iter.state_dict(),
                                  metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
                                  if eval_metrics else None, force=True)
@@ -342,9 +360,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
             print(format_metrics(tasks, test, title=f"{tcfg.test_split} split, step {step}"))
     writer.close()
     checkpoints.close()
-    if is_main and config.predict_examples and test_set is not None:
-        demo_predictions(run.eval_graphdef, state, spec, run.tokenizer, test_set,
-                         int(config.predict_examples), config.data.max_length)
+    if config.predict_examples and test_set is not None:
+        params, rest = state.params, state.rest
+        if jax.process_count() > 1:  # sharded over hosts: every process joins the gather
+            replicated = NamedSharding(run.mesh, PartitionSpec())
+            params, rest = jax.jit(lambda tree: tree, out_shardings=replicated)((params, rest))
+        if is_main:
+            demo_predictions(run.eval_graphdef, params, rest, spec, run.tokenizer, test_set,
+                             int(config.predict_examples), config.data.max_length)
     return results
 
 
@@ -378,9 +401,9 @@ def _init_from(config, spec: ModelSpec, model) -> None:
     from mtop_jax.transfer import copy_params_from, copy_task_params_from
 
     if config.init.params_from:
-        copy_params_from(model, Path(config.init.params_from))
+        copy_params_from(model, as_path(config.init.params_from))
     for task, source in dict(config.init.tasks_from).items():
-        copy_task_params_from(model, spec, task, Path(source))
+        copy_task_params_from(model, spec, task, as_path(source))
 
 
 def format_metrics(tasks, metrics: dict[str, float], title: str) -> str:
@@ -393,15 +416,15 @@ def format_metrics(tasks, metrics: dict[str, float], title: str) -> str:
     return "\n".join(lines)
 
 
-def demo_predictions(graphdef, state, spec: ModelSpec, tokenizer, dataset: Dataset, n: int,
-                     max_length: int) -> None:
+def demo_predictions(graphdef, params, rest, spec: ModelSpec, tokenizer, dataset: Dataset,
+                     n: int, max_length: int) -> None:
     """Predict every task for a few texts in one forward pass, and print them."""
     from flax import nnx
 
     texts = dataset.examples.texts[:n]
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                     return_tensors="np")
-    model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+    model = nnx.merge(graphdef, jax.device_get(params), jax.device_get(rest))
     types = enc.get("token_type_ids")
     logits = jax.jit(lambda m, i, k, t: m.logits(i, k, t))(
         model, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
@@ -427,7 +450,7 @@ def demo_predictions(graphdef, state, spec: ModelSpec, tokenizer, dataset: Datas
 def evaluate_workdir(workdir: str | Path, split: str = "validation",
                      step: int | None = None) -> dict[str, float]:
     """Evaluate a workdir's checkpoint (latest by default) on ``split``: ``mtop-jax eval``."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise MtopError(f"{workdir}: not a training workdir (no config.json)")

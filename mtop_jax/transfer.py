@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from mtop_jax.errors import MtopError
@@ -21,17 +20,16 @@ from mtop_jax.sharding import TASKS
 
 
 def read_params(workdir: Path, step: int | None = None) -> dict[tuple[str, ...], np.ndarray]:
-    """Flat {path: array} of the parameters in a workdir's checkpoint (latest by default)."""
+    """Flat {path: array} of the parameters in a workdir's checkpoint (latest by default),
+    whatever mesh and number of processes wrote it."""
     from mtop_jax.checkpointing import Checkpoints
 
     checkpoints = Checkpoints(workdir, read_only=True)
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise MtopError(f"{workdir}: has no checkpoint to initialise from")
-    restored = checkpoints.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    tree = checkpoints.restore_on_one_device(step)
     checkpoints.close()
-    tree = restored.state
     params = tree["params"] if isinstance(tree, dict) else tree.params
     flat: dict[tuple[str, ...], np.ndarray] = {}
 

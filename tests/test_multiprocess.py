@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,6 @@ import numpy as np
 import pytest
 
 from mtop_jax.distributed import detect
-from mtop_jax.transfer import read_params
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -54,12 +54,13 @@ print("MTOP_WORKER", json.dumps({"joined": joined, "process": jax.process_index(
 
 STEPS = 4
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-             "--config.train.eval_split=''", "--config.train.test_split=''",
+             f"--config.train.eval_every={STEPS}", "--config.train.test_split=''",
              f"--config.train.checkpoint_every={STEPS}", "--config.predict_examples=0",
              "--config.train.async_checkpointing=True"]
 
 #: Variables of a surrounding cluster that would make a worker join the wrong job.
-_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "MTOP_JAX_")
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_",
+                     "MTOP_JAX_DISTRIBUTED")
 
 
 def free_port() -> int:
@@ -113,15 +114,44 @@ def finish(procs: list, timeout: float = TIMEOUT_S) -> list[dict]:
     return reports
 
 
-def train_records(workdir: Path) -> list[dict]:
+def saved_params(workdir: Path) -> dict[str, np.ndarray]:
+    """The latest checkpoint's parameters, read onto one local device.
+
+    The checkpoint's own shardings name devices of the processes that wrote it,
+    which this process does not have: the target says where to put them.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+    step = manager.latest_step()
+    assert step == STEPS, f"{workdir}: latest checkpoint {step}"
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          manager.item_metadata(step)["state"])
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target))).state
+    manager.close()
+    flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def records(workdir: Path, kind: str) -> list[dict]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @pytest.mark.parametrize("local_devices,mesh", [
-    (1, {"data": -1}),  # pure data parallelism: one device per process
-    (2, {"data": 1, "fsdp": -1}),  # parameters and optimizer state split across processes
-], ids=["2x1-data", "2x2-fsdp"])
+    # Two devices a process (a TPU host has four chips); the batch, the parameters and the
+    # optimizer state are split over both processes.
+    pytest.param(2, {"data": 1, "fsdp": -1}, id="2x2-fsdp"),
+    # One device a process, pure data parallelism: the same paths, less of them.
+    pytest.param(1, {"data": -1}, id="2x1-data", marks=pytest.mark.slow),
+])
 def test_two_processes_equal_one(tmp_path, local_devices, mesh):
     overrides = OVERRIDES + [f"--config.mesh.{k}={v}" for k, v in
                              {"data": 1, "fsdp": 1, "tensor": 1, **mesh}.items()]
@@ -145,7 +175,7 @@ def test_two_processes_equal_one(tmp_path, local_devices, mesh):
                           "local_devices": total, "devices": total}
 
     # Process 0 alone wrote the metrics: one record a step, not two.
-    got, want = train_records(multi), train_records(single)
+    got, want = records(multi, "train"), records(single, "train")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["step"] for r in want] == list(range(1, STEPS + 1))
     for a, b in zip(got, want):
@@ -153,13 +183,57 @@ def test_two_processes_equal_one(tmp_path, local_devices, mesh):
         assert sorted(k for k in a if k == "loss" or k.endswith("/loss")) == losses
         for key in losses:
             assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    # The evaluation: every process fed its slice of the validation split.
+    (got,), (want,) = records(multi, "eval"), records(single, "eval")
+    assert got.keys() == want.keys() and "score" in got
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
 
     # Both processes wrote their shards of one checkpoint; it equals the one-process run's.
-    a, b = read_params(multi), read_params(single)
+    a, b = saved_params(multi), saved_params(single)
     assert a.keys() == b.keys() and len(a) > 10
     for key in a:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0, err_msg="/".join(key))
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0, err_msg=key)
     assert (multi / "model.json").is_file() and (multi / "config.json").is_file()
+
+
+def multihost_preemption() -> bool:
+    from mtop_jax.train import Preemption
+
+    return hasattr(Preemption, "check")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not multihost_preemption(),
+                    reason="train.Preemption has no multi-host check(step) yet")
+def test_sigterm_on_one_process_saves_on_all(tmp_path):
+    """A Spot TPU worker or a Slurm task gets SIGTERM: every process saves the same step
+    and exits cleanly (a flag in one process alone would leave the others waiting on
+    it in a collective, for ever)."""
+    workdir = tmp_path / "run"
+    overrides = ["--config.train.steps=200", "--config.train.log_every=1",
+                 "--config.train.eval_split=''", "--config.train.test_split=''",
+                 "--config.train.checkpoint_every=1000", "--config.predict_examples=0",
+                 "--config.mesh.data=-1"]
+    port = free_port()
+    procs = [start(workdir, overrides,
+                   worker_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                              JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                   tmp_path / f"process{i}.log")
+             for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and len(records(workdir, "train")) >= 2):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            finish(procs, timeout=0)
+            pytest.fail("training did not get going")
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    finish(procs, timeout=120)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert len(steps) == 1 and 2 <= steps[0] < 200, steps
+    assert records(workdir, "train")[-1]["step"] == steps[0]
 
 
 def test_detect_reads_the_environment():
