@@ -18,7 +18,7 @@ from flax import nnx
 
 from mtop_jax.errors import ConfigError
 from mtop_jax.models.multitask import PARAM_GROUPS, param_group
-from mtop_jax.sharding import TASKS
+from mtop_jax.sharding import is_per_task
 
 FROZEN = "frozen"
 STAGES = ("full", "prompts")
@@ -48,9 +48,7 @@ def param_labels(params: nnx.State, stage: str) -> nnx.State:
         raise ConfigError(f"train.stage: {stage!r} not in {list(STAGES)}")
 
     def label(path, var) -> str:
-        axes = var.get_metadata().get("out_sharding") or ()
-        per_task = bool(axes) and axes[0] == TASKS
-        if stage == "prompts" and not per_task:
+        if stage == "prompts" and not is_per_task(var):
             return FROZEN
         return param_group(path)
 

@@ -55,6 +55,17 @@ def param_init(init: nnx.Initializer, *names: str | None) -> nnx.Initializer:
     return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
+def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names a variable was created with (empty if none)."""
+    return tuple(var.get_metadata().get("out_sharding") or ())
+
+
+def is_per_task(var: nnx.Variable) -> bool:
+    """True for a variable that belongs to the tasks one by one (leading ``tasks`` axis)."""
+    axes = logical_axes(var)
+    return bool(axes) and axes[0] == TASKS
+
+
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence | None = None) -> Mesh:
     """A mesh over ``data``, ``fsdp``, ``tensor``; one size may be -1 (fill).
 

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from mtop_jax.losses import task_losses
-from mtop_jax.sharding import TASKS
+from mtop_jax.sharding import is_per_task
 from mtop_jax.state import TrainState
 from mtop_jax.weighting import GradWeighting, LossWeighting, combine_grad_tree, per_task_grads
 
@@ -32,11 +32,7 @@ def shared_mask(params: nnx.State) -> nnx.State:
     """True for parameters shared by the tasks (no leading ``tasks`` axis)."""
     flat = nnx.to_flat_state(params)
 
-    def shared(var) -> bool:
-        axes = var.get_metadata().get("out_sharding") or ()
-        return not (axes and axes[0] == TASKS)
-
-    return nnx.from_flat_state([(p, v.replace(shared(v))) for p, v in flat])
+    return nnx.from_flat_state([(p, v.replace(not is_per_task(v))) for p, v in flat])
 
 
 def weighting_optimizer(learning_rate: float) -> optax.GradientTransformation:

@@ -21,7 +21,7 @@ from mtop_jax.data.local_files import read_examples
 from mtop_jax.errors import ConfigError, MtopError
 from mtop_jax.inference import Predictor
 from mtop_jax.models.multitask import MultiTaskModel
-from mtop_jax.sharding import TASKS
+from mtop_jax.sharding import is_per_task
 from mtop_jax.state import ModelSpec
 
 
@@ -47,11 +47,6 @@ def remove_tasks(predictor: Predictor, names: list[str]) -> Predictor:
     model = _model(predictor).select_tasks([t.name for t in keep])
     spec = ModelSpec(predictor.spec.encoder, predictor.spec.model, tuple(keep))
     return _predictor(predictor, spec, model)
-
-
-def _per_task(var: nnx.Variable) -> bool:
-    axes = var.get_metadata().get("out_sharding") or ()
-    return bool(axes) and axes[0] == TASKS
 
 
 def add_task(predictor: Predictor, data_file: str | Path, task: str, field: str | None = None,
@@ -83,7 +78,7 @@ def add_task(predictor: Predictor, data_file: str | Path, task: str, field: str 
     for path, var in nnx.to_flat_state(nnx.state(grown, nnx.Param)):
         path = tuple(path)
         value = old[path].get_value()
-        if _per_task(var):
+        if is_per_task(var):
             rows = [value, new[path].get_value()]
             if var.get_metadata()["out_sharding"][-1] == "classes":  # pad to the new width
                 width = var.get_value().shape[-1]
@@ -102,7 +97,7 @@ def add_task(predictor: Predictor, data_file: str | Path, task: str, field: str 
     # Only the new task's row of the per-task parameters trains.
     t = len(spec.tasks)
     trainable = nnx.from_flat_state([
-        (p, v.replace(jnp.zeros(v.get_value().shape, bool).at[t].set(True) if _per_task(v)
+        (p, v.replace(jnp.zeros(v.get_value().shape, bool).at[t].set(True) if is_per_task(v)
                       else jnp.zeros(v.get_value().shape, bool)))
         for p, v in nnx.to_flat_state(params)])
     tx = optax.adam(learning_rate)

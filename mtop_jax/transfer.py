@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mtop_jax.errors import MtopError
-from mtop_jax.sharding import TASKS
+from mtop_jax.sharding import is_per_task, logical_axes
 
 
 def read_params(workdir: Path, step: int | None = None) -> dict[tuple[str, ...], np.ndarray]:
@@ -90,9 +90,9 @@ def copy_task_params_from(model: nnx.Module, spec, task: str, workdir: Path) -> 
     source = read_params(workdir)
     flat, by_key = _model_params(model)
     for k, (_, var) in by_key.items():
-        axes = var.get_metadata().get("out_sharding") or ()
-        if not (axes and axes[0] == TASKS):
+        if not is_per_task(var):
             continue
+        axes = logical_axes(var)
         if k not in source:
             raise MtopError(f"init.tasks_from.{task}={workdir}: has no parameter "
                             f"{'/'.join(k)} (a different mode?)")

@@ -33,7 +33,7 @@ from mtop_jax.models.encoder import Encoder
 from mtop_jax.models.heads import TaskHeads
 from mtop_jax.models.pooling import POOLERS, TaskQueries, pool_tasks
 from mtop_jax.models.prompts import PrefixPrompts, TaskPrompts
-from mtop_jax.sharding import TASKS
+from mtop_jax.sharding import TASKS, is_per_task, logical_axes
 
 MODES = ("mtop", "shared", "prefix", "single")
 PROMPT_DEPTHS = ("input", "deep")
@@ -192,11 +192,10 @@ class MultiTaskModel(nnx.Module):
 
         def take(path, var: nnx.Variable) -> nnx.Variable:
             value = var.get_value()
-            axes = var.get_metadata().get("out_sharding") or ()
             # Everything of a per-task encoder (its rng counters too) is stacked on tasks.
-            if (axes and axes[0] == TASKS) or path[0] == "encoders":
+            if is_per_task(var) or path[0] == "encoders":
                 value = value[idx]
-            if axes and axes[0] == TASKS and axes[-1] == "classes":
+            if is_per_task(var) and logical_axes(var)[-1] == "classes":
                 value = value[..., :width]
             return var.replace(value)
 
@@ -252,8 +251,7 @@ def params_per_task(model: MultiTaskModel) -> int:
     """Parameters one more task adds: those on the ``tasks`` axis, divided by N."""
     total = 0
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        axes = var.get_metadata().get("out_sharding") or ()
-        if axes and axes[0] == TASKS:
+        if is_per_task(var):
             total += int(np.prod(var.get_value().shape))
     return total // len(model.tasks)
 
