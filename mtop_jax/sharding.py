@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 # Logical axes used by the model code.
 BATCH = "batch"  # examples of a batch
@@ -100,12 +100,6 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence | None = 
             f"have {len(devices)}"
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
-
-
-def logical_to_mesh(names: Sequence[str | None], rules=DEFAULT_RULES) -> PartitionSpec:
-    """The mesh PartitionSpec of an array whose axes have logical ``names``."""
-    table = dict(rules)
-    return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:

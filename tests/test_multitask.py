@@ -22,6 +22,7 @@ from mtop_jax.models.multitask import (
     load_backbone,
     param_group,
     param_labels,
+    params_per_task,
 )
 from mtop_jax.sharding import shard_model, state_shardings
 
@@ -297,3 +298,9 @@ def test_build_model_creates_params_already_sharded(devices):
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                     jax.tree.leaves(nnx.state(eager, nnx.Param)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)  # same draws, ulp rounding
+
+
+def test_params_per_task_counts_what_one_more_task_adds():
+    h, p = TINY.hidden_size, 4
+    model = abstract_model(2, num_prompts=p)  # tasks of 2 and 3 classes: heads padded to 3
+    assert params_per_task(model) == p * h + h + (h * 3 + 3)  # prompts, query, head
