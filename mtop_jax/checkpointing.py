@@ -1,21 +1,48 @@
 """Orbax checkpoints of a training run (DESIGN.md section 8).
 
-One ``CheckpointManager`` under ``<workdir>/checkpoints`` saves, per step, two
+One ``CheckpointManager`` under ``<workdir>/checkpoints`` saves, per step, three
 items: ``state`` (the whole train state: parameters, optimizer and weighting
-state, step, dropout RNG) and ``data`` (the data iterator's position, JSON).
+state, step, dropout RNG), ``data`` (the data iterator's position, JSON) and
+``fingerprint`` (a 64-bit checksum of every array, computed on device: JSON).
 Saves are asynchronous; the last ``keep`` steps are preserved plus the best one
 by a chosen eval metric. Restoring goes through an abstract, sharded state, so
 a checkpoint loads onto any mesh, one CPU included.
+
+Faults (tests/test_faults_train.py): orbax writes a step under a temporary name
+and renames it when complete, so a process killed mid-save leaves no step that
+restore accepts. Every restore recomputes the fingerprint of what it read and
+compares it with the saved one, so bytes corrupted in a way the storage format
+does not notice (compressed chunks have no checksum) are caught too. A step that
+is there but unreadable or corrupted is skipped with a warning by
+:meth:`Checkpoints.restore_latest`, which falls back to the newest good one. A
+save that fails (a full disk) raises :class:`CheckpointError` naming the step and
+the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from mtop_jax.errors import MtopError
+from mtop_jax.files import as_path
+
+log = logging.getLogger("mtop_jax.checkpointing")
+T = TypeVar("T")
+
+
+class CheckpointError(MtopError):
+    """A checkpoint that could not be written, or no readable checkpoint to restore."""
 
 
 class Checkpoints:
@@ -23,6 +50,9 @@ class Checkpoints:
                  best_mode: str = "max", async_save: bool = True, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints" if not str(workdir).startswith(
             "gs://") else f"{workdir}/checkpoints"
+        self.read_only = read_only
+        self._saving: int | None = None  # the step of an asynchronous save not yet waited for
+        self._closed = False
         keep_policies = [policies.LatestN(n=keep)]
         if best_metric:
             keep_policies.append(policies.BestN(
@@ -36,7 +66,8 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": ocp.JsonCheckpointHandler()})
+                           "data": ocp.JsonCheckpointHandler(),
+                           "fingerprint": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -49,21 +80,104 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any],
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-        return self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=ocp.args.JsonSave(data_state)),
-            metrics=metrics, force=force)
+        """Start saving ``step`` (asynchronously: the previous save is finished first).
+
+        Raises :class:`CheckpointError` if this save, or the previous one, failed."""
+        prints = {"version": FINGERPRINT_VERSION, "arrays": fingerprint(state)}
+        try:
+            saved = self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              data=ocp.args.JsonSave(data_state),
+                                              fingerprint=ocp.args.JsonSave(prints)),
+                metrics=metrics, force=force)
+        except Exception as e:
+            # An asynchronous failure of the previous save surfaces here too.
+            raise self._failed(self._saving if self._saving is not None else step, e) from e
+        self._saving = step if saved else self._saving
+        return saved
+
+    def wait(self) -> None:
+        """Block until the last save is complete on disk; raise if it failed."""
+        if self._closed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(self._saving, e) from e
+        finally:
+            self._saving = None
+
+    def _failed(self, step: int | None, error: Exception) -> CheckpointError:
+        self._saving = None
+        complete = [s for s in self._complete_steps() if s != step]
+        # Drain orbax's background writers now, so their own reports of this failure
+        # come before ours, not after it at exit; this manager saves nothing more.
+        with contextlib.suppress(Exception):  # they fail the same way: ours is the report
+            self.manager.close()
+        self._closed = True
+        last = f"step {max(complete)}" if complete else "none"
+        return CheckpointError(
+            f"saving checkpoint step {step} to {self.directory} failed "
+            f"({type(error).__name__}: {_first_line(error)}); the last complete checkpoint: "
+            f"{last}")
+
+    def _complete_steps(self) -> list[int]:
+        try:
+            self.manager.reload()
+            return self.all_steps()
+        except Exception:  # the directory itself unreadable: nothing to report
+            return []
+
+    def restore_latest(self, restore: Callable[[int], T],
+                       quarantine: str | Path | None = None) -> tuple[int, T] | None:
+        """``(step, restore(step))`` for the newest step that restores; None if no step.
+
+        An unreadable or corrupted step is skipped with a warning naming it and why. In a
+        run that will write again (``quarantine``: a directory), the skipped steps are
+        moved there once a good one is found, so that saving those step numbers later
+        does not collide with them. Raises :class:`CheckpointError` if there are steps
+        but none restores (and then moves nothing).
+        """
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                result = restore(step)
+            except Exception as e:  # orbax/tensorstore raise many types for bad bytes
+                reason = f"{type(e).__name__}: {_first_line(e)}"
+                skipped.append((step, reason))
+                log.warning("checkpoint step %d in %s is unreadable, skipping it: %s",
+                            step, self.directory, reason)
+                continue
+            if quarantine is not None and not self.read_only:
+                for bad, _ in skipped:
+                    self._quarantine(bad, Path(quarantine))
+            return step, result
+        if skipped:
+            raise CheckpointError(f"{self.directory}: no readable checkpoint; " + "; ".join(
+                f"step {step} ({reason})" for step, reason in skipped)
+                + ". Nothing was moved; to start afresh, move that directory away")
+        return None
+
+    def _quarantine(self, step: int, where: Path) -> None:
+        where = as_path(where)
+        where.mkdir(parents=True, exist_ok=True)
+        target = where / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (as_path(self.directory) / str(step)).rename(target)
+        log.warning("moved unreadable checkpoint step %d to %s", step, target)
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state placed as ``abstract_state``'s shardings say, data iterator state)."""
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=ocp.args.JsonRestore()))
+        self.verify(step, out.state)
         return out.state, out.data
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        self.verify(step, out.state)
         return out.state
 
     def restore_on_one_device(self, step: int) -> Any:
@@ -74,8 +188,91 @@ class Checkpoints:
                               self.manager.item_metadata(step)["state"])
         return self.restore_state(step, target)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def verify(self, step: int, restored: Any) -> None:
+        """Raise :class:`CheckpointError` unless every array of ``restored`` (the whole
+        state or a part of it, e.g. ``{"params": ...}``) matches the fingerprint saved
+        with ``step``. Checkpoints from before fingerprints pass unchecked."""
+        if not (as_path(self.directory) / str(step) / "fingerprint").exists():
+            return
+        saved = self.manager.restore(
+            step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())).fingerprint
+        saved = saved.get("arrays", {}) if saved.get("version") == FINGERPRINT_VERSION else {}
+        got = fingerprint(restored)
+        missing = sorted(set(got) - set(saved))
+        bad = sorted(name for name in got if name in saved and saved[name] != got[name])
+        if bad or (saved and missing):
+            raise CheckpointError(
+                f"checkpoint step {step}: {len(bad)} of {len(got)} arrays differ from the "
+                f"fingerprint saved with them{' (' + bad[0] + ', ...)' if bad else ''}"
+                f"{'; not fingerprinted: ' + missing[0] if missing else ''}: corrupted files")
 
     def close(self) -> None:
-        self.manager.close()
+        if not self._closed:
+            self.wait()
+            self.manager.close()
+            self._closed = True
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+FINGERPRINT_VERSION = 1
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+    """{array path: 64-bit checksum (hex)} of every array of ``tree``, computed where the
+    arrays live (sharded over hosts included) from their exact bits: any changed byte
+    changes its array's checksum. Paths ignore the container types (``a/b/0``), so a
+    train state and its restored dict form agree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = [_path_name(path) for path, _ in leaves]
+    arrays = [x for _, x in leaves]
+    sums = jax.device_get(_checksums(arrays))
+    return {name: f"{int(a):08x}{int(b):08x}" for name, (a, b) in zip(names, sums, strict=True)}
+
+
+@jax.jit
+def _checksums(arrays: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    return [_checksum(x) for x in arrays]
+
+
+def _checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)  # [..., bytes]
+    index = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape)
+    # Odd weights: a changed byte changes the sum (mod 2^32); two mixes: 64 bits in all.
+    first = jnp.sum(bits * (index * np.uint32(2) + np.uint32(1)) * np.uint32(2654435761),
+                    dtype=jnp.uint32)
+    second = jnp.sum((bits + np.uint32(0x9E37)) * (index * np.uint32(2) + np.uint32(1))
+                     * np.uint32(0x85EBCA6B) ^ (index >> np.uint32(3)), dtype=jnp.uint32)
+    return first, second
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(p for p in parts if p != "value")
+
+
+# OS errors that tensorstore reports inside long messages: say them plainly.
+_OS_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied", "File too large")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error)
+    for known in _OS_ERRORS:
+        if known in text:
+            return known
+    text = text.split(" See full TensorStore details")[0]
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else ""

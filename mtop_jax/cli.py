@@ -9,9 +9,12 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
+import time
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -244,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settle_threads(timeout: float = 10.0) -> None:
+    """Let background writers (orbax's save threads) finish before the error is printed,
+    so that whatever they report of the same failure comes first and ours is the last
+    line."""
+    import threading
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            # orbax's threads re-raise their failure on join: it is reported already
+            with contextlib.suppress(Exception):
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from mtop_jax.errors import MtopError
@@ -256,12 +273,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MtopError as e:
+        _settle_threads()
         print(f"mtop-jax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _settle_threads()
+        print(f"mtop-jax: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtop-jax: interrupted", file=sys.stderr)
         return 130
 
 
+def _quiet_closed_loops(unraisable) -> None:
+    """tensorstore's callbacks for reads that orbax abandoned after an error (a corrupt
+    checkpoint, a full disk) land on its closed event loop: that is noise, not news."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def run() -> None:
+    """The ``mtop-jax`` console script: :func:`main`, then exit with its code.
+
+    After an error is printed, the process is only shutting down: background threads
+    that fail the same way then (orbax's writers after a full disk or a bad checkpoint)
+    are kept quiet, so that the error stays the last line.
+    """
+    sys.unraisablehook = _quiet_closed_loops
+    code = main()
+    if code:
+        import logging
+        import threading
+
+        sys.stderr.flush()
+        logging.disable(logging.CRITICAL)
+        threading.excepthook = lambda args: None
+        sys.unraisablehook = lambda unraisable: None
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -6,12 +6,28 @@ whose parameters are restored with orbax onto the caller's devices, whatever
 mesh trained them. Texts are tokenised with the model's own tokenizer and
 padded to a few length and batch buckets, so new batch sizes do not recompile
 each time; one jitted forward pass answers all tasks.
+
+Input contract (the same for ``predict``, ``logits``, ``embed``, ``batches``
+and ``encode``): ``texts`` is a sequence of ``str`` (any other iterable is read
+into a list first; a bare ``str`` or ``bytes`` is refused rather than split into
+characters, and so are a mapping and a set). Every valid Unicode string is
+answered: empty, whitespace only, control characters (NUL included), any
+script, emoji, combining marks; text beyond the serving max length (in tokens)
+is truncated. An item that is not a ``str``, or that is not valid Unicode (a
+lone surrogate such as ``"\\ud800"``, which ``errors="surrogateescape"``
+decoding produces), raises :class:`DataError` naming its index in ``texts``; it
+is never silently altered (the training data readers refuse it too; decode with
+``errors="replace"`` to get U+FFFD instead).
+All texts are checked before any is computed. Memory is bounded by one batch:
+texts are tokenised and run ``batch_size`` at a time (tokenising reads each
+whole text, so its time grows with the text's length); only the outputs
+(``n x tasks x classes`` logits) grow with the number of texts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mtop_jax.errors import DataError, MtopError
+from mtop_jax.errors import ConfigError, DataError, MtopError
 from mtop_jax.models.multitask import MultiTaskModel
 from mtop_jax.state import ModelSpec, read_model_spec
 
@@ -64,37 +80,87 @@ def restore_params(path: Path, spec: ModelSpec, sharding: jax.sharding.Sharding,
     from mtop_jax.checkpointing import Checkpoints
 
     checkpoints = Checkpoints(path, read_only=True)
-    step = checkpoints.latest_step() if step is None else step
-    checkpoints.close()
-    if step is None:
+
+    def restore(at: int) -> nnx.State:
+        # Only the parameters of the saved train state (no optimizer moments), checked
+        # against the fingerprint saved with them.
+        with ocp.PyTreeCheckpointer() as ckpt:
+            params = ckpt.restore(
+                (path / "checkpoints" / str(at) / "state").absolute(),
+                args=ocp.args.PyTreeRestore(
+                    item={"params": target},
+                    restore_args={"params": jax.tree.map(
+                        lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)},
+                    partial_restore=True))["params"]
+        checkpoints.verify(at, {"params": params})
+        return params
+
+    try:
+        if step is not None:
+            return restore(step), step
+        # The newest good step: an unreadable or corrupted newer one is skipped, warned.
+        restored = checkpoints.restore_latest(restore)
+    finally:
+        checkpoints.close()
+    if restored is None:
         raise MtopError(f"{path}: a workdir without any checkpoint")
-    # Only the parameters of the saved train state (no optimizer moments).
-    with ocp.PyTreeCheckpointer() as ckpt:
-        restored = ckpt.restore(
-            (path / "checkpoints" / str(step) / "state").absolute(),
-            args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args={"params": jax.tree.map(
-                    lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)},
-                partial_restore=True))
-    return restored["params"], step
+    step, params = restored
+    return params, step
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     """Texts of a JSONL/CSV file (``text_field`` of each record) or of a .txt file (a line each).
 
-    Errors name the file and line; an empty file gives no texts.
+    A .txt line ends at ``\\n`` (``\\r\\n`` too); other Unicode line breaks (U+2028,
+    U+0085, form feed) stay inside the text, and a blank line is an empty text. Errors
+    name the file and line (bytes that are not UTF-8 included); an empty file gives no
+    texts.
     """
     path = Path(path)
     if path.suffix == ".txt":
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        return path.read_text(encoding="utf-8").splitlines()
+        texts = []
+        with open(path, "rb") as f:
+            for line, data in enumerate(f, 1):
+                data = data.removesuffix(b"\n").removesuffix(b"\r")
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                texts.append(text.removeprefix("\ufeff") if line == 1 else text)
+        return texts
     from mtop_jax.data.local_files import read_records
 
     if path.is_file() and path.stat().st_size == 0:
         return []
     return list(read_records(path, (), text_field=text_field).texts)
+
+
+def check_texts(texts: Any) -> Sequence[str]:
+    """``texts`` as a sequence of valid Unicode strings, else a DataError naming the index."""
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise DataError(f"texts: expected a list of strings, got a single "
+                        f"{type(texts).__name__} (wrap it in a list)")
+    if isinstance(texts, (Mapping, Set)):  # keys, or no order to answer in
+        raise DataError(f"texts: expected a list of strings, got {type(texts).__name__}")
+    if not isinstance(texts, Sequence):
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise DataError(f"texts: expected a list of strings, got "
+                            f"{type(texts).__name__}") from None
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"text {i}: not valid Unicode (lone surrogate {t[e.start]!r} "
+                                f"at character {e.start})") from None
+    return texts
 
 
 def serving_length(path: Path, spec: ModelSpec) -> int:
@@ -135,11 +201,17 @@ def load(path: str | Path, *, devices: Sequence[jax.Device] | None = None,
 
 
 class Predictor:
-    """Every task's prediction for a list of texts, from one forward pass per batch."""
+    """Every task's prediction for a list of texts, from one forward pass per batch.
+
+    See the module docstring for what ``texts`` may hold and which errors it raises.
+    """
 
     def __init__(self, spec: ModelSpec, params: nnx.State, tokenizer: Any, *, max_length: int,
                  batch_size: int = 32, sharding: jax.sharding.Sharding | None = None,
                  step: int | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
         self.spec, self.params, self.tokenizer = spec, params, tokenizer
         self.max_length, self.batch_size, self.step = int(max_length), int(batch_size), step
         self.graphdef, _, abstract_rest = nnx.split(abstract_model(spec), nnx.Param, ...)
@@ -162,11 +234,14 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token ids padded to a length bucket and a batch bucket (padding rows: length 1)."""
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise DataError(f"text {i}: expected a string, got {type(t).__name__}")
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
-                             padding=False)
+        return self._encode(check_texts(texts))
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if not len(texts):  # the tokenizer fails on an empty list
+            enc: Any = {"input_ids": []}
+        else:
+            enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                 padding=False)
         longest = max((len(x) for x in enc["input_ids"]), default=1)
         length = next(b for b in self.length_buckets if b >= longest)
         rows = next((b for b in self.batch_buckets if b >= len(texts)), len(texts))
@@ -183,9 +258,14 @@ class Predictor:
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
     def batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(number of texts, encoded batch) per ``batch_size`` texts, tokenised lazily.
+
+        Every text is checked before the first batch is encoded.
+        """
+        texts = check_texts(texts)
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
-            yield len(chunk), self.encode(chunk)
+            yield len(chunk), self._encode(chunk)
 
     # ------------------------------------------------------------------ outputs
 

@@ -12,7 +12,10 @@ from typing import Any
 
 import jax
 
+from mtop_jax.errors import MtopError
 from mtop_jax.files import as_path, is_remote
+
+log = logging.getLogger(__name__)
 
 
 class MetricWriter:
@@ -36,26 +39,57 @@ class MetricWriter:
                 self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
             except Exception as e:  # a convenience (JSONL is the record): never fatal
                 if not isinstance(e, ImportError):
-                    logging.getLogger(__name__).warning("no TensorBoard files: %s", e)
+                    log.warning("no TensorBoard files: %s", e)
                 self._tb = None
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.active:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        line = json.dumps({"step": int(step), "kind": kind, **clean}) + "\n"
-        if self.remote:
-            self._lines.append(line)
-            (self.workdir / "metrics.jsonl").write_text("".join(self._lines))
-        else:
-            self._jsonl.write(line)
+        self._append(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
         if self._tb is not None:
-            for k, v in clean.items():
-                self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+            try:
+                for k, v in clean.items():
+                    self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+            except OSError as e:
+                self._drop_tensorboard(e)
+
+    def write_event(self, step: int, kind: str, record: dict[str, Any]) -> None:
+        """A JSON record (any JSON values, not only scalars) to metrics.jsonl only."""
+        if self.active:
+            self._append(json.dumps({"step": int(step), "kind": kind, **record}) + "\n")
+
+    def _append(self, line: str) -> None:
+        path = self.workdir / "metrics.jsonl"
+        try:
+            if self.remote:
+                self._lines.append(line)
+                path.write_text("".join(self._lines))
+            else:
+                self._jsonl.write(line)
+        except OSError as e:  # a full disk: name the file, no traceback
+            raise MtopError(f"{path}: cannot write metrics ({e.strerror or e})") from e
+
+    def _drop_tensorboard(self, error: Exception) -> None:
+        """TensorBoard is a convenience: on a write error (a full disk) stop writing it,
+        and stop tensorboardX from flushing again at exit (a traceback then)."""
+        log.warning("TensorBoard files stopped: %s", error)
+        for writer in list((getattr(self._tb, "all_writers", None) or {}).values()):
+            event_writer = getattr(writer, "event_writer", None)
+            if event_writer is not None:
+                event_writer._closed = True
+        self._tb = None
 
     def close(self) -> None:
-        if self.active:
-            if self._jsonl is not None:
+        if not self.active:
+            return
+        if self._jsonl is not None and not self._jsonl.closed:
+            try:
                 self._jsonl.close()
-            if self._tb is not None:
+            except OSError as e:
+                log.warning("metrics.jsonl: %s", e)
+        if self._tb is not None:
+            try:
                 self._tb.close()
+            except OSError as e:
+                self._drop_tensorboard(e)

@@ -78,6 +78,14 @@ def check_batch_fits_mesh(config: Any, mesh: Mesh, sharding: NamedSharding) -> N
                               f"devices of mesh {dict(mesh.shape)}")
 
 
+def check_mesh(config: Any, devices=None) -> None:
+    """The mesh fits the devices and the batch divides over it: checked before any data
+    is read or anything compiled."""
+    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules]
+    mesh = make_mesh(dict(config.mesh), devices)
+    check_batch_fits_mesh(config, mesh, batch_sharding(mesh, rules))
+
+
 def evaluate(eval_step, params, rest, dataset: Dataset, sharding: NamedSharding,
              desc: str = "eval") -> tuple[dict[str, float], dict[str, float]]:
     """(metrics {task/metric: value, score}, mean loss per task) over a whole split."""
@@ -148,6 +156,58 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteGuard:
+    """Watches each step's ``finite`` flag (the step itself already skipped the update).
+
+    Every non-finite step is logged with its batch: the data iterator position before
+    it and the example rows, to a warning and a ``nonfinite`` record of metrics.jsonl.
+    After ``limit`` in a row, training stops with :class:`MtopError`. Flags are read one
+    step late, so checking does not stall the device queue.
+    """
+
+    def __init__(self, limit: int, writer: MetricWriter, run: int = 0):
+        self.limit, self.writer, self.run = int(limit), writer, int(run)
+        self.first_in_run: int | None = None
+        self.pending: tuple | None = None
+
+    def push(self, step: int, position: dict, rows: np.ndarray, metrics: dict) -> None:
+        self.pending = (step, position, rows, metrics["finite"], metrics["loss"])
+
+    def check_pending(self, last_checkpoint) -> None:
+        if self.pending is None:
+            return
+        step, position, rows, finite, loss = self.pending
+        self.pending = None
+        if bool(jax.device_get(finite)):
+            self.run, self.first_in_run = 0, None
+            return
+        self.run += 1
+        self.first_in_run = self.first_in_run or step
+        rows = [int(r) for r in np.asarray(rows) if r >= 0]
+        where = (f"batch {position.get('step')} of the data iterator (epochs "
+                 f"{position.get('epochs')}, cursors {position.get('cursors')})")
+        log.warning("step %d: loss %s is not finite; update skipped; %s, train rows %s%s",
+                    step, float(jax.device_get(loss)), where, rows[:16],
+                    " ..." if len(rows) > 16 else "")
+        self.writer.write_event(step, "nonfinite", {
+            "loss": repr(float(jax.device_get(loss))), "in_a_row": self.run,
+            "data_position": position, "train_rows": rows})
+        if self.run >= self.limit:
+            raise MtopError(
+                f"step {step}: the loss was not finite for {self.run} steps in a row "
+                f"(steps {self.first_in_run}-{step}; those updates were skipped, "
+                f"train.max_nonfinite_steps={self.limit}); stopping. The last good "
+                f"checkpoint is step {last_checkpoint()}; the batches are in metrics.jsonl "
+                "('nonfinite' records)")
+
+
+def _wait_quietly(checkpoints: Checkpoints) -> None:
+    try:
+        checkpoints.wait()
+    except MtopError as e:
+        log.error("%s", e)
+
+
 def count_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -187,6 +247,7 @@ def setup(config: ml_collections.ConfigDict, tasks, *, init: bool = True,
     rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules]
     data_sharding = batch_sharding(mesh, rules)
     check_batch_fits_mesh(config, mesh, data_sharding)
+    weighting = build_weighting(config.weighting, len(tasks))  # its config errors: before init
     tokenizer = load_tokenizer(config)
     encoder_cfg, backbone = resolve_encoder(config, tokenizer)
     spec = ModelSpec(encoder=encoder_cfg, model=ModelConfig.from_dict(dict(config.model)),
@@ -199,7 +260,6 @@ def setup(config: ml_collections.ConfigDict, tasks, *, init: bool = True,
     model.eval()
     eval_graphdef, _, _ = split_model(model)
     tx, schedules = optim.make_optimizer(config.optim, tcfg.steps, params, tcfg.stage)
-    weighting = build_weighting(config.weighting, len(tasks))
     weighting_tx = weighting_optimizer(config.weighting.learning_rate)
     wparams = weighting.init_params() if weighting.kind == "loss" else {}
     weighting_state = {"state": weighting.init(), "params": wparams,
@@ -237,6 +297,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
     """
     workdir = as_path(workdir)  # gs:// stays gs:// (pathlib would make it gs:/)
     check_config(config)
+    check_mesh(config, devices)  # config mistakes fail here, before data and any compile
+    preemption = Preemption()  # from the start: a SIGTERM during set-up still exits 0
+    try:
+        return _train(config, workdir, devices, stop_at, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[str, float]:
     tcfg = config.train
     is_main = jax.process_index() == 0
 
@@ -261,9 +330,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
                               best_metric=f"eval/{tcfg.best_metric}" if tcfg.best_metric
                               else None, async_save=tcfg.async_checkpointing)
     train_iter = train_set.train_iterator(seed=tcfg.seed)
-    start = checkpoints.latest_step() or 0
-    if start:
-        state, data_state = checkpoints.restore(start, state)
+    # The newest readable step; unreadable newer ones are skipped (warned) and moved aside.
+    restored = checkpoints.restore_latest(lambda s: checkpoints.restore(s, state),
+                                          quarantine=workdir / "unreadable_checkpoints")
+    start = 0
+    if restored is not None:
+        start, (state, data_state) = restored
         train_iter.load_state_dict(data_state)
         if is_main:
             log.info("resumed from step %d", start)
@@ -286,17 +358,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
         return metrics
 
     # ------------------------------------------------------------------ the loop
-    preemption = Preemption()
     compiled: dict[tuple, Any] = {}
     flops: dict[tuple, float] = {}
     window = Window()
     last_eval: dict[str, float] | None = None
     step = start
+    guard = NonFiniteGuard(tcfg.max_nonfinite_steps, writer, int(state.nonfinite_run))
+    save_due = False
+    if preemption.check(step):  # SIGTERM during set-up: nothing new to save
+        log.warning("preempted before the first step: exiting")
+        writer.close()
+        checkpoints.close()
+        return {}
     progress = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not is_main,
                     dynamic_ncols=True)
     try:
         while step < tcfg.steps:
-            batch = to_global(next(train_iter), run.data_sharding)
+            position = train_iter.state_dict()
+            host_batch = next(train_iter)
+            batch = to_global(host_batch, run.data_sharding)
             shape = tuple(batch["input_ids"].shape)
             if shape not in compiled:  # compiling is not counted in the throughput
                 t0 = time.perf_counter()
@@ -307,8 +387,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
             window.add(shape, flops[shape])
             step += 1
             progress.update(1)
+            # Read one step late (the previous step is done by now: no stall), or now
+            # before anything that must know: a log, a checkpoint, the end.
+            guard.check_pending(checkpoints.latest_step)
+            guard.push(step, position, host_batch["index"], metrics)
 
             if step % tcfg.log_every == 0 or step == tcfg.steps:
+                guard.check_pending(checkpoints.latest_step)
                 metrics = jax.device_get(metrics)  # waits for the step: closes the window
                 record = {"loss": metrics["loss"],
                           **{f"{t.name}/loss": metrics["task_losses"][i]
@@ -319,11 +404,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
                 writer.write(step, record, "train")
                 progress.set_postfix(loss=f"{float(metrics['loss']):.4f}")
                 window = Window()
-                if int(state.nonfinite_run) >= tcfg.max_nonfinite_steps:
-                    raise MtopError(
-                        f"step {step}: the loss was not finite for {int(state.nonfinite_run)} "
-                        "steps in a row (those updates were skipped); stopping. The last "
-                        f"good checkpoint is step {checkpoints.latest_step()}")
 
             eval_metrics = None
             if eval_set is not None and (step % tcfg.eval_every == 0 or step == tcfg.steps):
@@ -332,22 +412,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
                 window.exclude(time.perf_counter() - t0)
             if stop_at is not None and step >= stop_at:
                 preemption.requested = True
-            if (preemption.check(step) or step % tcfg.checkpoint_every == 0
-                    or step == tcfg.steps):
-                checkpoints.save(step, state, train_iter.state_dict(),
-                                 metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
-                                 if eval_metrics else None, force=True)
-            if preemption.requested:
+            preempted = preemption.check(step)
+            save_due |= step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            if save_due or preempted:
+                guard.check_pending(checkpoints.latest_step)
+                # In a run of non-finite steps, periodic saves wait for a finite one, so
+                # the rotation never drops the last good checkpoint. (The parameters are
+                # unchanged by skipped steps, so a preemption save is safe.)
+                if preempted or guard.run == 0:
+                    checkpoints.save(step, state, train_iter.state_dict(),
+                                     metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
+                                     if eval_metrics else None, force=True)
+                    save_due = False
+            if preempted:
                 checkpoints.wait()
                 if is_main:
                     log.warning("preempted: saved step %d, exiting", step)
                 writer.close()
                 checkpoints.close()
                 return {}
-    finally:
+    except BaseException:
         progress.close()
-        preemption.restore()
-        checkpoints.wait()
+        _wait_quietly(checkpoints)  # an in-flight save completes; the error stays the news
+        writer.close()
+        raise
+    progress.close()
+    checkpoints.wait()
 
     # ------------------------------------------------------------------ final
     results = dict(last_eval or {})
@@ -457,11 +547,14 @@ def evaluate_workdir(workdir: str | Path, split: str = "validation",
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     spec = read_model_spec(workdir)
     checkpoints = Checkpoints(workdir, read_only=True)
-    step = step if step is not None else checkpoints.latest_step()
-    if step is None:
-        raise MtopError(f"{workdir}: has no checkpoint to evaluate")
     run = setup(config, spec.tasks, init=False)
-    params = checkpoints.restore_state(step, run.state)
+    if step is not None:
+        params = checkpoints.restore_state(step, run.state)
+    else:  # the newest readable step (an unreadable newer one is skipped with a warning)
+        restored = checkpoints.restore_latest(lambda s: checkpoints.restore_state(s, run.state))
+        if restored is None:
+            raise MtopError(f"{workdir}: has no checkpoint to evaluate")
+        step, params = restored
     dataset = build_dataset(config.data, run.tokenizer, split, tasks=spec.tasks)
     metrics, _ = evaluate(run.eval_step, params.params, params.rest, dataset,
                           run.data_sharding, desc=split)

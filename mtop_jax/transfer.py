@@ -25,10 +25,13 @@ def read_params(workdir: Path, step: int | None = None) -> dict[tuple[str, ...],
     from mtop_jax.checkpointing import Checkpoints
 
     checkpoints = Checkpoints(workdir, read_only=True)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise MtopError(f"{workdir}: has no checkpoint to initialise from")
-    tree = checkpoints.restore_on_one_device(step)
+    if step is not None:
+        tree = checkpoints.restore_on_one_device(step)
+    else:  # the newest readable step (an unreadable newer one: skipped with a warning)
+        restored = checkpoints.restore_latest(checkpoints.restore_on_one_device)
+        if restored is None:
+            raise MtopError(f"{workdir}: has no checkpoint to initialise from")
+        tree = restored[1]
     checkpoints.close()
     params = tree["params"] if isinstance(tree, dict) else tree.params
     flat: dict[tuple[str, ...], np.ndarray] = {}
