@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,12 +20,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/mtop-jax train --config configs/debian_packages.py --workdir $(WORKDIR)
 
+# CI's command: every test but the few marked `slow` (bigger versions of tested paths).
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
-
-test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

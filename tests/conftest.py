@@ -1,12 +1,25 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and mesh fixtures."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), a shared XLA
+compilation cache, and mesh fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Many tests build the same tiny train step again (a new train() call, a resumed run,
+# a child process): a persistent compilation cache for the session turns those
+# recompiles into cache reads (the suite ran 975 s without it). Child processes
+# inherit it. Set JAX_COMPILATION_CACHE_DIR yourself to keep it between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="mtop-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

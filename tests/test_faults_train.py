@@ -51,14 +51,13 @@ RUN_FLAGS = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1
 
 
 @pytest.fixture(scope="module")
-def child_env(tmp_path_factory) -> dict[str, str]:
-    """A child trainer on one CPU device, sharing an XLA compilation cache."""
+def child_env() -> dict[str, str]:
+    """A child trainer on one CPU device; it inherits the session's XLA compilation
+    cache (conftest)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", "").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -37,12 +37,18 @@ def one_step(config, devices):
     return float(metrics["loss"]), jax.device_get(nnx.to_pure_dict(state.params))
 
 
+@pytest.fixture(scope="module")
+def one_device_step(devices):
+    """The reference the mesh tests compare with: one step on one device."""
+    return one_step(tiny_config("--config.mesh.data=1"), devices[:1])
+
+
 @pytest.mark.parametrize("mesh", [{"data": 2}, {"data": 2, "fsdp": 2, "tensor": 2},
                                   {"data": 1, "fsdp": 4, "tensor": 2}])
-def test_one_step_equal_on_1_2_and_8_devices(mesh, devices):
+def test_one_step_equal_on_1_2_and_8_devices(mesh, devices, one_device_step):
     overrides = [f"--config.mesh.{k}={v}" for k, v in {"data": 1, "fsdp": 1, "tensor": 1,
                                                          **mesh}.items()]
-    loss_1, params_1 = one_step(tiny_config("--config.mesh.data=1"), devices[:1])
+    loss_1, params_1 = one_device_step
     n = int(np.prod(list(mesh.values())))
     loss_n, params_n = one_step(tiny_config(*overrides), devices[:n])
     assert loss_n == pytest.approx(loss_1, abs=1e-5)
