@@ -5,9 +5,11 @@ ends.
 
 The trainer runs as a real ``mtop-jax train`` child process (one CPU device) so it
 can be killed; a persistent XLA compilation cache shared by the children keeps
-each restart to a few seconds. CI runs a bounded version; for a longer campaign:
+each restart to a few seconds. The kill rounds cycle through three moments (during
+an asynchronous save, while training, during start-up and restore). CI runs a
+bounded version (3 rounds, one of each); for a longer campaign:
 
-    MTOP_FAULT_ROUNDS=20 pytest tests/test_faults_train.py -k kill -s
+    MTOP_FAULT_ROUNDS=21 pytest tests/test_faults_train.py -k kill -s
 
 (``-s`` prints the per-round table: the step reached, the checkpoint left, the
 steps lost.)
@@ -37,7 +39,7 @@ from mtop_jax.train import train
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
-ROUNDS = int(os.environ.get("MTOP_FAULT_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("MTOP_FAULT_ROUNDS", "3"))
 STEPS = 10
 # Every step checkpointed (asynchronously): a kill lands mid-save often. No eval, so a
 # child run is mostly start-up, data and (cached) compile.
@@ -105,13 +107,17 @@ def steps_on_disk(workdir: Path) -> list[int]:
     return sorted(steps)
 
 
-def last_logged_step(workdir: Path) -> int:
+def logged_steps(workdir: Path) -> list[int]:
+    """The step of every train record in metrics.jsonl, in order (a resumed run appends)."""
     path = workdir / "metrics.jsonl"
     if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
-             if line.strip() and '"kind": "train"' in line]
-    return max(steps, default=0)
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()
+            if line.endswith("}") and '"kind": "train"' in line]
+
+
+def last_logged_step(workdir: Path) -> int:
+    return max(logged_steps(workdir), default=0)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +148,18 @@ def check_every_step_on_disk(workdir: Path, reference: Path) -> list[int]:
 # ---------------------------------------------------------------------------- kill -9
 
 
+MODES = ("mid-save", "running", "start-up")
+
+
 def kill_during(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random) -> str:
-    """SIGKILL ``proc`` in the middle of its n-th save (n random in 1..4: an orbax
-    temporary step directory exists) or at a random moment (0-4 s) after its first
-    step. Returns what happened."""
+    """SIGKILL ``proc``: in the middle of its n-th save (n random in 1..4: an orbax
+    temporary step directory exists), at a random moment 0-4 s after its first new
+    step, or 0-3 s after launch (start-up, restoring). Returns what happened."""
     ckpt = workdir / "checkpoints"
     deadline = time.monotonic() + 240
-    started, delay = None, rng.uniform(0, 4.0)
+    launched, started = time.monotonic(), None
+    logged_before = len(logged_steps(workdir))  # the log survives kills: count new records
+    delay = rng.uniform(0, 3.0 if mode == "start-up" else 4.0)
     target, seen = rng.randint(1, 4), set()
     while proc.poll() is None and time.monotonic() < deadline:
         if mode == "mid-save":
@@ -157,8 +168,12 @@ def kill_during(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Ra
                 time.sleep(rng.uniform(0, 0.03))
                 proc.kill()
                 return f"in save #{target} (step {max(seen, key=int)})"
+        elif mode == "start-up":
+            if time.monotonic() - launched >= delay:
+                proc.kill()
+                return f"{delay:.2f} s after launch"
         else:
-            if started is None and last_logged_step(workdir) > 0:
+            if started is None and len(logged_steps(workdir)) > logged_before:
                 started = time.monotonic()
             if started is not None and time.monotonic() - started >= delay:
                 proc.kill()
@@ -174,8 +189,9 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, refer
     flags = ["--config.train.keep_checkpoints=2"]
     rows = []
     for r in range(ROUNDS):
-        mode = "mid-save" if r % 2 == 0 else "random"
+        mode = MODES[r % len(MODES)]
         before = steps_on_disk(wd)[-1:] if (wd / "checkpoints").exists() else []
+        logged_before = len(logged_steps(wd))
         proc = subprocess.Popen(train_cmd(wd, *flags), env=child_env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         what = kill_during(proc, wd, mode, rng)
@@ -187,9 +203,10 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, refer
             continue
         assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
         steps = check_every_step_on_disk(wd, reference)
-        reached = last_logged_step(wd)
         kept = max(steps, default=0)
         assert kept >= max(before, default=0)  # never lose a checkpoint that was complete
+        # The furthest step this run trained (it restarted at `before`).
+        reached = max(logged_steps(wd)[logged_before:], default=max(before, default=0))
         rows.append((r, mode, what, reached, kept, reached - kept))
     out = run_child(wd, child_env, *flags)
     assert out.returncode == 0, out.stderr[-3000:]
