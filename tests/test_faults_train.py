@@ -245,19 +245,24 @@ def copy_steps(reference: Path, dest: Path, upto: int) -> None:
         shutil.rmtree(dest / "checkpoints" / str(step))
 
 
-@pytest.mark.parametrize("how", ["truncate", "garbage", "metadata", "data-json"])
-def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, reference, child_env,
-                                                            how):
+@pytest.mark.parametrize("newest, older", [("truncate", "metadata"), ("garbage", "data-json")])
+def test_corrupt_latest_checkpoints_fall_back_with_a_warning(tmp_path, reference, child_env,
+                                                             newest, older):
+    """Two damaged steps, one kind each (four kinds in two runs): both are skipped with a
+    warning naming them and moved aside; the run resumes from the step before."""
     wd = tmp_path / "run"
     copy_steps(reference, wd, upto=6)
-    corrupt(wd / "checkpoints" / "6", how)
+    corrupt(wd / "checkpoints" / "6", newest)
+    corrupt(wd / "checkpoints" / "5", older)
     out = run_child(wd, child_env, "--config.train.keep_checkpoints=100")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "checkpoint step 6" in out.stderr and "unreadable, skipping it" in out.stderr
-    assert "resumed from step 5" in out.stderr
-    assert len(list((wd / "unreadable_checkpoints").glob("6-*"))) == 1  # moved aside, kept
+    for step in (6, 5):
+        assert f"checkpoint step {step}" in out.stderr
+        assert len(list((wd / "unreadable_checkpoints").glob(f"{step}-*"))) == 1  # kept
+    assert out.stderr.count("unreadable, skipping it") >= 2
+    assert "resumed from step 4" in out.stderr
     assert_same_state(full_state(wd, STEPS), reference_state(reference, STEPS),
-                      f"resumed from step 5 after a {how} step 6")
+                      f"resumed from step 4 after a {newest} step 6 and a {older} step 5")
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path, reference, child_env):
