@@ -107,7 +107,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
         metrics = {"loss": jnp.sum(jnp.where(present, losses, 0.0)), "objective": total,
                    "task_losses": losses, "present": present, "counts": counts,
-                   "finite": finite, **{f"weighting/{k}": v for k, v in w_aux.items()}}
+                   "finite": finite, "nonfinite_run": new_state.nonfinite_run,
+                   **{f"weighting/{k}": v for k, v in w_aux.items()}}
         return new_state, metrics
 
     return step

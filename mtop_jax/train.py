@@ -78,12 +78,14 @@ def check_batch_fits_mesh(config: Any, mesh: Mesh, sharding: NamedSharding) -> N
                               f"devices of mesh {dict(mesh.shape)}")
 
 
-def check_mesh(config: Any, devices=None) -> None:
-    """The mesh fits the devices and the batch divides over it: checked before any data
-    is read or anything compiled."""
-    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules]
+def checked_mesh(config: Any, devices=None) -> tuple[Mesh, list, NamedSharding]:
+    """(mesh, logical axis rules, batch sharding), once the mesh fits the devices and the
+    batch divides over it: cheap, so ``train`` runs it before any data or compile."""
     mesh = make_mesh(dict(config.mesh), devices)
-    check_batch_fits_mesh(config, mesh, batch_sharding(mesh, rules))
+    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules]
+    data_sharding = batch_sharding(mesh, rules)
+    check_batch_fits_mesh(config, mesh, data_sharding)
+    return mesh, rules, data_sharding
 
 
 def evaluate(eval_step, params, rest, dataset: Dataset, sharding: NamedSharding,
@@ -166,23 +168,21 @@ class NonFiniteGuard:
     """
 
     def __init__(self, limit: int, writer: MetricWriter, run: int = 0):
-        self.limit, self.writer, self.run = int(limit), writer, int(run)
-        self.first_in_run: int | None = None
+        self.limit, self.writer = int(limit), writer
+        self.run = int(run)  # non-finite steps in a row, as of the last step checked
         self.pending: tuple | None = None
 
     def push(self, step: int, position: dict, rows: np.ndarray, metrics: dict) -> None:
-        self.pending = (step, position, rows, metrics["finite"], metrics["loss"])
+        self.pending = (step, position, rows, metrics["nonfinite_run"], metrics["loss"])
 
     def check_pending(self, last_checkpoint) -> None:
         if self.pending is None:
             return
-        step, position, rows, finite, loss = self.pending
+        step, position, rows, run, loss = self.pending
         self.pending = None
-        if bool(jax.device_get(finite)):
-            self.run, self.first_in_run = 0, None
+        self.run = int(jax.device_get(run))  # the step's own count (state.nonfinite_run)
+        if self.run == 0:
             return
-        self.run += 1
-        self.first_in_run = self.first_in_run or step
         rows = [int(r) for r in np.asarray(rows) if r >= 0]
         where = (f"batch {position.get('step')} of the data iterator (epochs "
                  f"{position.get('epochs')}, cursors {position.get('cursors')})")
@@ -195,7 +195,7 @@ class NonFiniteGuard:
         if self.run >= self.limit:
             raise MtopError(
                 f"step {step}: the loss was not finite for {self.run} steps in a row "
-                f"(steps {self.first_in_run}-{step}; those updates were skipped, "
+                f"(steps {step - self.run + 1}-{step}; those updates were skipped, "
                 f"train.max_nonfinite_steps={self.limit}); stopping. The last good "
                 f"checkpoint is step {last_checkpoint()}; the batches are in metrics.jsonl "
                 "('nonfinite' records)")
@@ -243,10 +243,7 @@ def setup(config: ml_collections.ConfigDict, tasks, *, init: bool = True,
     optimizer and train state."""
     check_config(config)
     tcfg = config.train
-    mesh = make_mesh(dict(config.mesh), devices)
-    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in config.rules]
-    data_sharding = batch_sharding(mesh, rules)
-    check_batch_fits_mesh(config, mesh, data_sharding)
+    mesh, rules, data_sharding = checked_mesh(config, devices)
     weighting = build_weighting(config.weighting, len(tasks))  # its config errors: before init
     tokenizer = load_tokenizer(config)
     encoder_cfg, backbone = resolve_encoder(config, tokenizer)
@@ -297,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices=Non
     """
     workdir = as_path(workdir)  # gs:// stays gs:// (pathlib would make it gs:/)
     check_config(config)
-    check_mesh(config, devices)  # config mistakes fail here, before data and any compile
+    checked_mesh(config, devices)  # config mistakes fail here, before data and any compile
     preemption = Preemption()  # from the start: a SIGTERM during set-up still exits 0
     try:
         return _train(config, workdir, devices, stop_at, preemption)
