@@ -10,7 +10,9 @@ a checkpoint loads onto any mesh, one CPU included.
 
 Faults (tests/test_faults_train.py): orbax writes a step under a temporary name
 and renames it when complete, so a process killed mid-save leaves no step that
-restore accepts. Every restore recomputes the fingerprint of what it read and
+restore accepts; old steps are not deleted in place either (a kill in the middle
+of that would leave a step with missing files) but renamed into ``deleted/`` and
+removed from there. Every restore recomputes the fingerprint of what it read and
 compares it with the saved one, so bytes corrupted in a way the storage format
 does not notice (compressed chunks have no checksum) are caught too. A step that
 is there but unreadable or corrupted is skipped with a warning by
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mtop_jax.errors import MtopError
@@ -39,6 +42,8 @@ from mtop_jax.files import as_path
 
 log = logging.getLogger("mtop_jax.checkpointing")
 T = TypeVar("T")
+# Where orbax moves a step it garbage-collects (an atomic rename), for us to delete.
+DELETED = "deleted"
 
 
 class CheckpointError(MtopError):
@@ -61,13 +66,15 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             enable_async_checkpointing=async_save, read_only=read_only,
-            create=not read_only, cleanup_tmp_directories=True)
+            create=not read_only, cleanup_tmp_directories=True,
+            todelete_subdir=DELETED)  # (ignored on GCS, where deletes are per object)
         # Handlers named (not only the items) so that item_metadata() can read a step's tree.
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": ocp.JsonCheckpointHandler(),
                            "fingerprint": ocp.JsonCheckpointHandler()})
+        self._empty_deleted()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -94,6 +101,7 @@ class Checkpoints:
             # An asynchronous failure of the previous save surfaces here too.
             raise self._failed(self._saving if self._saving is not None else step, e) from e
         self._saving = step if saved else self._saving
+        self._empty_deleted()  # what the previous save's clean-up moved there
         return saved
 
     def wait(self) -> None:
@@ -106,6 +114,20 @@ class Checkpoints:
             raise self._failed(self._saving, e) from e
         finally:
             self._saving = None
+        self._empty_deleted()
+
+    def _empty_deleted(self) -> None:
+        """Delete the steps orbax renamed into ``deleted/``: a kill half-way through
+        leaves files there, never in a step that restore would list. Only the entries
+        (orbax may be renaming a new one in), and only by process 0, as orbax deletes."""
+        trash = epath.Path(self.directory) / DELETED
+        if self.read_only or jax.process_index() != 0 or not trash.exists():
+            return
+        for entry in list(trash.iterdir()):
+            if entry.is_dir():
+                entry.rmtree(missing_ok=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def _failed(self, step: int | None, error: Exception) -> CheckpointError:
         self._saving = None

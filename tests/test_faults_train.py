@@ -5,11 +5,12 @@ ends.
 
 The trainer runs as a real ``mtop-jax train`` child process (one CPU device) so it
 can be killed; a persistent XLA compilation cache shared by the children keeps
-each restart to a few seconds. The kill rounds cycle through three moments (during
-an asynchronous save, while training, during start-up and restore). CI runs a
-bounded version (3 rounds, one of each); for a longer campaign:
+each restart to a few seconds. The kill rounds cycle through four moments (during
+an asynchronous save, while training, during start-up and restore, while an old
+step is deleted). CI runs a bounded version (4 rounds, one of each); for a longer
+campaign:
 
-    MTOP_FAULT_ROUNDS=21 pytest tests/test_faults_train.py -k kill -s
+    MTOP_FAULT_ROUNDS=24 pytest tests/test_faults_train.py -k kill -s
 
 (``-s`` prints the per-round table: the step reached, the checkpoint left, the
 steps lost.)
@@ -39,7 +40,7 @@ from mtop_jax.train import train
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
-ROUNDS = int(os.environ.get("MTOP_FAULT_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("MTOP_FAULT_ROUNDS", "4"))
 STEPS = 10
 # Every step checkpointed (asynchronously): a kill lands mid-save often. No eval, so a
 # child run is mostly start-up, data and (cached) compile.
@@ -148,13 +149,14 @@ def check_every_step_on_disk(workdir: Path, reference: Path) -> list[int]:
 # ---------------------------------------------------------------------------- kill -9
 
 
-MODES = ("mid-save", "running", "start-up")
+MODES = ("mid-save", "running", "start-up", "mid-delete")
 
 
 def kill_during(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random) -> str:
     """SIGKILL ``proc``: in the middle of its n-th save (n random in 1..4: an orbax
     temporary step directory exists), at a random moment 0-4 s after its first new
-    step, or 0-3 s after launch (start-up, restoring). Returns what happened."""
+    step, 0-3 s after launch (start-up, restoring), or while an old step it garbage-
+    collects is in ``deleted/``. Returns what happened."""
     ckpt = workdir / "checkpoints"
     deadline = time.monotonic() + 240
     launched, started = time.monotonic(), None
@@ -168,6 +170,11 @@ def kill_during(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Ra
                 time.sleep(rng.uniform(0, 0.03))
                 proc.kill()
                 return f"in save #{target} (step {max(seen, key=int)})"
+        elif mode == "mid-delete":
+            if glob.glob(str(ckpt / "deleted" / "*")):
+                time.sleep(rng.uniform(0, 0.002))
+                proc.kill()
+                return "while deleting an old step"
         elif mode == "start-up":
             if time.monotonic() - launched >= delay:
                 proc.kill()
@@ -217,6 +224,41 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, refer
         print(" | ".join(map(str, row)))
     # Checkpointing every step, a kill loses the step being saved and the one running.
     assert all(lost <= 2 for *_, lost in rows), rows
+
+
+def test_old_steps_leave_by_rename_so_a_kill_while_deleting_leaves_no_partial_step(
+        tmp_path, monkeypatch):
+    """Orbax deletes old steps file by file; killed half-way, a listed step would have
+    missing files. Checkpoints has them renamed into ``deleted/`` first and removes them
+    from there: here the process 'dies' before that removal and half-way through it."""
+    def state(step: int) -> dict:
+        return {"w": jax.numpy.arange(64.0) + step, "step": jax.numpy.int32(step)}
+
+    with monkeypatch.context() as m:  # killed before removing what was renamed
+        m.setattr(Checkpoints, "_empty_deleted", lambda self: None)
+        checkpoints = Checkpoints(tmp_path, keep=2)
+        for step in range(1, 6):
+            checkpoints.save(step, state(step), {"position": step})
+        checkpoints.wait()
+        checkpoints.manager.close()
+    deleted = tmp_path / "checkpoints" / "deleted"
+    assert sorted(p.name for p in deleted.iterdir()) == ["1", "2", "3"]  # whole steps
+    assert steps_on_disk(tmp_path) == [4, 5]
+    # ... and killed half-way through removing them: files gone from one of them.
+    for f in sorted((deleted / "2").rglob("*")):
+        if f.is_file():
+            f.unlink()
+    assert steps_on_disk(tmp_path) == [4, 5]
+    checkpoints = Checkpoints(tmp_path, keep=2)  # the resumed run: empties deleted/ first
+    assert list(deleted.iterdir()) == []
+    assert checkpoints.all_steps() == [4, 5]
+    for step in (4, 5):
+        restored = checkpoints.restore_state(step, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0)))
+        np.testing.assert_array_equal(restored["w"], state(step)["w"])
+    checkpoints.save(6, state(6), {"position": 6})
+    checkpoints.close()
+    assert steps_on_disk(tmp_path) == [5, 6] and list(deleted.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- corrupt
