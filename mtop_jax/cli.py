@@ -300,17 +300,20 @@ def run() -> None:
     """The ``mtop-jax`` console script: :func:`main`, then exit with its code.
 
     After an error is printed, the process is only shutting down: background threads
-    that fail the same way then (orbax's writers after a full disk or a bad checkpoint)
-    are kept quiet, so that the error stays the last line.
+    that fail the same way then (orbax's writers after a full disk or a bad checkpoint,
+    and their coroutines left unawaited) are kept quiet, so that the error stays the
+    last line.
     """
     sys.unraisablehook = _quiet_closed_loops
     code = main()
     if code:
         import logging
         import threading
+        import warnings
 
         sys.stderr.flush()
         logging.disable(logging.CRITICAL)
+        warnings.simplefilter("ignore")  # "coroutine ... was never awaited", at exit
         threading.excepthook = lambda args: None
         sys.unraisablehook = lambda unraisable: None
     sys.exit(code)

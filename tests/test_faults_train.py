@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -399,6 +400,38 @@ cp -a '{wd}/run' '{out_dir}/run'
     assert "resumed from step 3" in second_err
     assert_same_state(full_state(out_dir / "run", STEPS), reference_state(reference, STEPS),
                       "resumed after a full disk vs uninterrupted")
+
+
+def test_cli_error_stays_the_last_line_when_background_threads_fail_at_exit(tmp_path):
+    """After the error, orbax's threads may still log, raise or drop coroutines unawaited
+    (seen once in the disk-full test above); none of it may print after the error."""
+    script = tmp_path / "exit.py"
+    script.write_text(textwrap.dedent("""
+        import logging, sys, threading, time
+        from mtop_jax import cli
+
+        async def write():
+            pass
+
+        def background():
+            time.sleep(0.3)
+            pending = write()  # dropped, never awaited
+            del pending
+            logging.getLogger("orbax").error("a writer failed")
+            raise OSError("No space left on device")
+
+        def main():
+            threading.Thread(target=background).start()
+            print("mtop-jax: error: saving checkpoint step 4 failed", file=sys.stderr)
+            return 2
+
+        cli.main = main
+        cli.run()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["mtop-jax: error: saving checkpoint step 4 failed"]
 
 
 # ---------------------------------------------------------------------------- NaN / Inf
