@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 # pytest worker processes, a test file each (module fixtures are built once): tiny
-# compiles are single-threaded, so 2 workers take the suite from 21 to 14 min on 2 cores.
+# compiles are single-threaded, so 2 workers take the suite from 21 to 14.5 min on 2 cores.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
