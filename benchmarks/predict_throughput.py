@@ -9,13 +9,13 @@ compiled before the timed runs; median of 3 runs.
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 import mtop_jax
+from mtop_jax.data.demo import DEBIAN_PACKAGES_DIR
 
-TEST = Path(__file__).parents[1] / "data" / "debian-packages" / "test.jsonl"
+TEST = DEBIAN_PACKAGES_DIR / "test.jsonl"
 
 
 def main(workdir: str) -> None:

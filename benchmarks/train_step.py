@@ -3,9 +3,10 @@
     python benchmarks/train_step.py --quick --out /tmp/bench
     python benchmarks/train_step.py --sizes minilm --out benchmarks/results/cpu
 
-The real train step of ``mtop-jax train`` (``mtop_jax.steps.make_train_step``,
-jitted with explicit shardings and the state donated, on one device) on real
-batches of the embedded demo set (``data/debian-packages``, its 4 tasks),
+The real train step of ``mtop-jax train`` (``Run.train_step`` of
+``mtop_jax.training.setup``: jitted with explicit shardings and the state
+donated, on one device) on real
+batches of the embedded demo set (``mtop_jax/data/debian-packages``, its 4 tasks),
 with a random-weight encoder (``config.encoder = "random:<size>"``). For
 every (size, L, B, mode, weighting method): compile time (lower + compile,
 reported apart), then the median step time over repeats after warmup steps,
@@ -58,14 +59,14 @@ from benchmarks.common import (
     tree_bytes,
     write_json,
 )
+from mtop_jax.config.defaults import base_config
 from mtop_jax.data.demo import debian_packages_config
 from mtop_jax.data.pipeline import build_dataset
-from mtop_jax.defaults import base_config
 from mtop_jax.models.config import PRESETS
 from mtop_jax.models.multitask import MODES, ModelConfig, MultiTaskModel
-from mtop_jax.state import load_tokenizer
-from mtop_jax.steps import make_train_step
-from mtop_jax.train import setup, to_global
+from mtop_jax.parallel.sharding import to_global
+from mtop_jax.training.setup import load_tokenizer, setup
+from mtop_jax.training.steps import BATCH_KEYS
 from mtop_jax.weighting import WEIGHTINGS
 
 METHODS = tuple(WEIGHTINGS)  # static, uncertainty, dwa, famo, pcgrad, mgda, cagrad, getmtl
@@ -219,15 +220,12 @@ def run_setting(s: Setting, args: argparse.Namespace, data: Data,
 
     t0 = time.perf_counter()
     device = jax.devices()[0]
-    run = setup(config, dataset.tasks, devices=[device])
+    run = setup(config, dataset.tasks, tokenizer, devices=[device])
     row["setup_s"] = time.perf_counter() - t0
-    step = jax.jit(make_train_step(run.train_graphdef, run.tx, run.weighting,
-                                   run.spec.regression, run.weighting_tx),
-                   in_shardings=(run.state_shardings, run.data_sharding),
-                   out_shardings=(run.state_shardings, None), donate_argnums=0)
+    step = run.train_step  # the trainer's own jitted step
     iterator = dataset.train_iterator(seed=0)
     host_batches = [next(iterator) for _ in range(min(8, args.warmup + args.repeats))]
-    batches = [to_global(b, run.data_sharding) for b in host_batches]
+    batches = [to_global(b, run.data_sharding, BATCH_KEYS) for b in host_batches]
     row["real_tokens_per_example"] = float(np.mean(
         [b["attention_mask"].sum() / b["attention_mask"].shape[0] for b in host_batches]))
 

@@ -6,7 +6,8 @@
 Four tasks of one package description (section 41 classes, role 8,
 implemented_in 6, interface 3; sparse labels) served by one forward pass.
 The arg picks the mode for the baselines with the same budget:
-``configs/debian_packages.py:shared``, ``:single``, ``:prefix``.
+``configs/debian_packages.py:shared``, ``:single``, ``:prefix``; and the
+steps and seed: ``configs/debian_packages.py:mode=shared,steps=100,seed=1``.
 
 Result (this config, 250 steps = one epoch, 2-core CPU, 5 min wall clock for
 the whole command; test split, accuracy / macro-F1):
@@ -21,14 +22,16 @@ set's README gives a TF-IDF + logistic regression reference of mean accuracy
 0.759.
 """
 
+from mtop_jax.config import base_config, parse_arg
 from mtop_jax.data.demo import debian_packages_config
-from mtop_jax.defaults import base_config
 
 
 def get_config(arg: str | None = None):
+    """``arg``: ``mode=<mtop|shared|prefix|single>,steps=N,seed=S`` (a bare word is the mode)."""
+    arg = parse_arg(arg, mode="mtop", steps=250, seed=0)
     c = base_config()
     c.encoder = "all-MiniLM-L6-v2"
-    c.model.mode = arg or "mtop"
+    c.model.mode = arg.mode
     c.model.num_prompts = 4
     c.model.prompt_depth = "input"
     c.model.pooler = "conditional"
@@ -46,7 +49,8 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 20
     c.optim.schedule = "linear"
 
-    c.train.steps = 250  # one epoch of the 8,000 training texts
+    c.train.steps = arg.steps  # 250: one epoch of the 8,000 training texts
+    c.train.seed = arg.seed
     c.train.log_every = 25
     c.train.eval_every = 125
     c.train.checkpoint_every = 125

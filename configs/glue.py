@@ -12,13 +12,15 @@ Result: not run yet (no accelerator and no internet on the development
 machine); the note will give the command and figures when it is.
 """
 
-from mtop_jax.defaults import base_config
+from mtop_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+    """``arg``: ``mode=<mtop|shared|prefix|single>,steps=N,seed=S`` (a bare word is the mode)."""
+    arg = parse_arg(arg, mode="mtop", steps=30000, seed=0)
     c = base_config()
     c.encoder = "google-bert/bert-base-uncased"
-    c.model.mode = arg or "mtop"
+    c.model.mode = arg.mode
     c.model.num_prompts = 8
     c.model.prompt_depth = "deep"
     c.model.dtype = "bfloat16"
@@ -44,7 +46,8 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 1000
     c.optim.schedule = "linear"
 
-    c.train.steps = 30000
+    c.train.steps = arg.steps
+    c.train.seed = arg.seed
     c.train.log_every = 100
     c.train.eval_every = 2000
     c.train.checkpoint_every = 2000

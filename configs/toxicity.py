@@ -10,13 +10,15 @@ Result: not run yet (no accelerator and no internet on the development
 machine); the note will give the command and figures when it is.
 """
 
-from mtop_jax.defaults import base_config
+from mtop_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+    """``arg``: ``mode=<mtop|shared|prefix|single>,steps=N,seed=S`` (a bare word is the mode)."""
+    arg = parse_arg(arg, mode="mtop", steps=10000, seed=0)
     c = base_config()
     c.encoder = "google-bert/bert-base-uncased"
-    c.model.mode = arg or "mtop"
+    c.model.mode = arg.mode
     c.model.num_prompts = 4
     c.model.dtype = "bfloat16"
 
@@ -38,7 +40,8 @@ def get_config(arg: str | None = None):
     c.optim.lr_mult.heads = 20.0
     c.optim.warmup_steps = 500
 
-    c.train.steps = 10000
+    c.train.steps = arg.steps
+    c.train.seed = arg.seed
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.train.best_metric = "score"

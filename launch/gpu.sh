@@ -15,7 +15,7 @@
 # the process id SLURM_PROCID.
 #
 # It exports JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
-# `mtop-jax train` hands to jax.distributed.initialize (mtop_jax/distributed.py).
+# `mtop-jax train` hands to jax.distributed.initialize (mtop_jax/parallel/distributed.py).
 #
 # Launcher flags:
 #   --coordinator HOST[:PORT]  process 0's address (PORT default --port)

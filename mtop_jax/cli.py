@@ -43,11 +43,11 @@ def _logging() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) MTOP or a baseline from a config file."""
     _logging()
-    from mtop_jax.distributed import maybe_initialize
+    from mtop_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()  # multi-host (a TPU slice, several GPU nodes): before any device use
-    from mtop_jax.config_flags import load_config
-    from mtop_jax.train import train
+    from mtop_jax.config.loading import load_config
+    from mtop_jax.training.loop import train
 
     config = load_config(args.config, args.extra)
     train(config, args.workdir)
@@ -57,10 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a training workdir's latest checkpoint on a split."""
     _logging()
-    from mtop_jax.distributed import maybe_initialize
+    from mtop_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
-    from mtop_jax.train import evaluate_workdir
+    from mtop_jax.training.evaluation import evaluate_workdir
 
     evaluate_workdir(args.workdir, args.split, args.step)
     return 0
@@ -82,7 +82,7 @@ def _write_atomic(path: str, write) -> None:
 
 def _texts(args: argparse.Namespace) -> list[str]:
     from mtop_jax.errors import MtopError
-    from mtop_jax.inference import read_texts
+    from mtop_jax.serving.predictor import read_texts
 
     if bool(args.text) == bool(args.input):
         raise MtopError("give texts with --text (repeatable) or --input FILE, not both")
@@ -123,7 +123,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     import mtop_jax
-    from mtop_jax.inference import read_texts
+    from mtop_jax.serving.predictor import read_texts
 
     texts = read_texts(args.input, args.text_field)
     predictor = mtop_jax.load(args.model, batch_size=args.batch_size)
@@ -141,7 +141,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """An inference-only model directory (and optionally a StableHLO forward)."""
     import mtop_jax
-    from mtop_jax.export import save_model_dir
+    from mtop_jax.serving.export import save_model_dir
 
     predictor = mtop_jax.load(args.workdir, step=args.step)
     out = save_model_dir(predictor, args.out, stablehlo=args.format == "stablehlo")
@@ -152,8 +152,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_add_task(args: argparse.Namespace) -> int:
     """Train a new task on a frozen model; the other tasks' outputs do not change."""
     import mtop_jax
-    from mtop_jax.export import save_model_dir
-    from mtop_jax.task_edit import add_task
+    from mtop_jax.serving.export import save_model_dir
+    from mtop_jax.serving.task_edit import add_task
 
     predictor = mtop_jax.load(args.model)
     grown = add_task(predictor, args.data, args.task, args.field, text_field=args.text_field,
@@ -167,8 +167,8 @@ def cmd_add_task(args: argparse.Namespace) -> int:
 def cmd_remove_task(args: argparse.Namespace) -> int:
     """A model directory without the given tasks."""
     import mtop_jax
-    from mtop_jax.export import save_model_dir
-    from mtop_jax.task_edit import remove_tasks
+    from mtop_jax.serving.export import save_model_dir
+    from mtop_jax.serving.task_edit import remove_tasks
 
     smaller = remove_tasks(mtop_jax.load(args.model), args.task)
     save_model_dir(smaller, args.out)
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtop-jax",
         description="One-forward-pass multi-task text classification (MTOP) in JAX/Flax.")
+    import mtop_jax
+
+    parser.add_argument("--version", action="version", version=f"mtop-jax {mtop_jax.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("info", help="describe and verify a pretrained encoder")

@@ -29,7 +29,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from mtop_jax.sharding import make_mesh  # noqa: E402
+from mtop_jax.parallel.sharding import make_mesh  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +53,36 @@ def mesh2(devices):
 def mesh8(devices):
     """data x fsdp x tensor = 2 x 2 x 2."""
     return make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices)
+
+
+# ---------------------------------------------------------------------------- fault tests
+
+
+@pytest.fixture(scope="module")
+def child_env() -> dict[str, str]:
+    """The environment of a child ``mtop-jax train`` (one CPU device, the shared cache)."""
+    import fault_helpers
+
+    return fault_helpers.child_env()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted reference run of the fault tests, trained once per session."""
+    import fault_helpers
+
+    return fault_helpers.shared_reference(tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------- order
+
+#: The longest test files first (by `--durations`), so that pytest-xdist's workers (a
+#: file each, `--dist loadfile`) are less likely to end on one long file alone.
+LONGEST_FIRST = ("test_faults_train.py", "test_faults_kill.py", "test_train.py",
+                 "test_multitask.py", "test_multiprocess.py", "test_inference.py",
+                 "test_train_weighting.py", "test_faults_predictor.py", "test_packaging.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise

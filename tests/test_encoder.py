@@ -1,6 +1,7 @@
 """The Flax encoder against Hugging Face's PyTorch BertModel, and weight-loading errors."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,11 +157,16 @@ def test_missing_config_json(tmp_path):
         pretrained.load_encoder(dst)
 
 
-def test_default_weights_sha256_is_enforced(tmp_path, monkeypatch):
-    fake = tmp_path / "model.safetensors"
-    fake.write_bytes(b"not the weights")
+def test_default_weights_sha256_is_enforced(monkeypatch):
+    weights = (pretrained.default_model_dir() / "model.safetensors").resolve()
+    assert pretrained.sha256_of(weights) == pretrained.DEFAULT_SHA256
+    # Installed weights that are not the expected ones: here, by expecting other bytes.
+    monkeypatch.setattr(pretrained, "DEFAULT_SHA256", "0" * 64)
+    with pytest.raises(WeightsError, match=re.escape(f"{weights}: sha256 ") + ".* does not match"):
+        pretrained.default_model_dir()
     with pytest.raises(WeightsError, match="does not match the expected"):
-        pretrained._verified(fake, pretrained.DEFAULT_SHA256)
+        pretrained.resolve_model_dir(pretrained.DEFAULT_MODEL)  # what load_encoder() uses
+    assert pretrained.default_model_dir(verify=False).is_dir()
 
 
 def test_hub_name_offline_is_one_clear_error(monkeypatch):

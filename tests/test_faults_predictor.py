@@ -10,12 +10,15 @@ the texts are tokenised and run one batch at a time: every array the tokenizer
 and the jitted forward see has at most ``batch_size`` rows, and the traced peak
 memory (tracemalloc, which sees numpy's buffers) stays within a bound set by one
 batch and the output, far below what tokenising all texts at once takes.
+A load either gives back the saved model (model.json's tasks and labels, the
+serving length, the parameters bit for bit, its predictions) or, for a bad
+``batch_size``, raises an ``MtopError`` naming it.
 
 The model is a random-weight tiny model, exported and loaded back (no
 training), so the module's setup takes a few seconds.
 
 ``MTOP_FUZZ_EXAMPLES`` (default 30) sets hypothesis' ``max_examples`` for the
-main properties (the huge-text and whole-argument properties run a fraction),
+main properties (the huge-text, whole-argument and load properties run a fraction),
 so a long run is one variable away:
 
     MTOP_FUZZ_EXAMPLES=300 .venv/bin/pytest -q tests/test_faults_predictor.py
@@ -40,18 +43,19 @@ import mtop_jax
 from mtop_jax.cli import main
 from mtop_jax.data.tasks import TaskSpec
 from mtop_jax.errors import DataError, MtopError
-from mtop_jax.export import save_model_dir
-from mtop_jax.inference import Predictor, read_texts
 from mtop_jax.models.config import PRESETS
 from mtop_jax.models.multitask import ModelConfig, MultiTaskModel
 from mtop_jax.models.pretrained import load_tokenizer
-from mtop_jax.state import ModelSpec
+from mtop_jax.models.spec import ModelSpec
+from mtop_jax.serving.export import save_model_dir
+from mtop_jax.serving.predictor import Predictor, read_texts
 
 EXAMPLES = max(1, int(os.environ.get("MTOP_FUZZ_EXAMPLES", "30")))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 FEW = settings(FUZZ, max_examples=max(1, EXAMPLES // 3))
+LOADS = settings(FUZZ, max_examples=max(1, EXAMPLES // 6))  # a load restores the params
 BATCH = 8  # the fuzzed predictor's batch size: a list of up to 40 texts is several batches
 TASKS = (TaskSpec("topic", "classification", ("admin", "devel", "games")),
          TaskSpec("lang", "classification", ("c", "python")),
@@ -59,17 +63,56 @@ TASKS = (TaskSpec("topic", "classification", ("admin", "devel", "games")),
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, devices):
-    """A random-weight tiny 3-task model (serving length 32), exported: no training."""
+def saved(devices):
+    """The random-weight tiny 3-task model (serving length 32) that ``model_dir`` holds."""
     tokenizer = load_tokenizer()
     spec = ModelSpec(PRESETS["tiny"].replace(vocab_size=len(tokenizer)),
                      ModelConfig(num_prompts=2), TASKS)
     _, params, _ = nnx.split(MultiTaskModel(spec.encoder, spec.model, spec.head_tasks,
                                             rngs=nnx.Rngs(0)), nnx.Param, ...)
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
-    fresh = Predictor(spec, jax.device_put(params, sharding), tokenizer, max_length=32,
-                      sharding=sharding)
-    return save_model_dir(fresh, tmp_path_factory.mktemp("fuzz") / "model")
+    return Predictor(spec, jax.device_put(params, sharding), tokenizer, max_length=32,
+                     sharding=sharding)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, saved):
+    """``saved``, exported: no training."""
+    return save_model_dir(saved, tmp_path_factory.mktemp("fuzz") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    """The saved model's logits for fixed texts, computed before the export."""
+    return saved.logits(REFERENCE_TEXTS)
+
+
+REFERENCE_TEXTS = ["GNU C library: shared libraries", "", "文本 " * 40]
+
+
+def check_is_the_saved_model(loaded: Predictor, model_dir, saved: Predictor, reference,
+                             batch_size: int):
+    """``loaded`` holds what was saved: tasks and labels of model.json, serving length,
+    parameters, and it predicts as the saved model did."""
+    written = json.loads((model_dir / "model.json").read_text())
+    assert [t.to_dict() for t in loaded.spec.tasks] == written["tasks"] == [
+        t.to_dict() for t in TASKS]
+    assert loaded.task_names == tuple(t["name"] for t in written["tasks"])
+    assert loaded.spec == saved.spec
+    assert loaded.max_length == written["serving"]["max_length"] == 32
+    assert loaded.step is None  # an export has no training step
+    assert loaded.batch_size == batch_size
+    flat, expected = nnx.to_flat_state(loaded.params), nnx.to_flat_state(saved.params)
+    assert [tuple(p) for p, _ in flat] == [tuple(p) for p, _ in expected]
+    for (path, got), (_, want) in zip(flat, expected, strict=True):
+        got, want = got.get_value(), want.get_value()
+        assert got.dtype == want.dtype, path
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+    logits = loaded.logits(REFERENCE_TEXTS)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-6)
+    assert loaded.predict(REFERENCE_TEXTS) == loaded.format(logits)
+    assert [r["topic"]["label"] for r in loaded.format(logits)] == [
+        r["topic"]["label"] for r in saved.format(reference)]
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +275,27 @@ def test_named_edge_cases(predictor, model_dir):
         mtop_jax.load(model_dir, batch_size=0)
 
 
+def test_loaded_predictor_is_the_saved_model(predictor, model_dir, saved, reference):
+    check_is_the_saved_model(predictor, model_dir, saved, reference, BATCH)
+
+
+@LOADS
+@given(batch_size=st.one_of(st.integers(-2, 40), st.sampled_from(
+    [True, False, 1.5, 8.0, "8", None, np.int64(3), 2**40])))
+def test_load_succeeds_with_the_saved_model_or_refuses_the_batch_size(
+        model_dir, saved, reference, devices, batch_size):
+    valid = (isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+             and batch_size >= 1)
+    try:
+        loaded = mtop_jax.load(model_dir, devices=devices[:1], batch_size=batch_size)
+    except MtopError as e:
+        assert not valid, f"refused batch_size {batch_size!r}: {e}"
+        assert "batch_size" in str(e)
+        return
+    assert valid, f"loaded with batch_size {batch_size!r}"
+    check_is_the_saved_model(loaded, model_dir, saved, reference, int(batch_size))
+
+
 @FUZZ
 @given(lines=st.lists(st.text(MIXED.filter(lambda c: c not in "\r\n"), max_size=30),
                       max_size=20),
@@ -285,18 +349,27 @@ def corpus(n: int) -> list[str]:
             for i in range(n)]
 
 
-def test_10k_texts_run_one_batch_at_a_time_in_bounded_memory(model_dir, devices):
+def test_10k_texts_run_one_batch_at_a_time_in_bounded_memory(model_dir, devices, saved,
+                                                             reference):
     predictor = mtop_jax.load(model_dir, devices=devices[:1])  # batch_size 32
+    check_is_the_saved_model(predictor, model_dir, saved, reference, 32)
     n, size = 10_000, predictor.batch_size
     texts = corpus(n)
     predictor.logits(texts[:2 * size])  # compile outside the measurement
     one_batch, _ = traced_peak(lambda: predictor.logits(texts[:size]))
     tokenizer = predictor.tokenizer = _Spy(predictor.tokenizer, lambda t, **_: len(t))
-    forward = predictor._logits = _Spy(predictor._logits, lambda p, r, ids, *_: ids.shape[0])
+    batches, forward = predictor.batches, []
+
+    def spied_batches(texts):  # what the forward pass is fed, batch by batch
+        for count, batch in batches(texts):
+            forward.append(batch["input_ids"].shape[0])
+            yield count, batch
+
+    predictor.batches = spied_batches
     peak, logits = traced_peak(lambda: predictor.logits(texts))
     assert logits.shape == (n, len(TASKS), 3) and np.all(np.isfinite(logits))
-    assert max(tokenizer.calls) == max(forward.calls) == size
-    assert len(forward.calls) == len(tokenizer.calls) == math.ceil(n / size)
+    assert max(tokenizer.calls) == max(forward) == size
+    assert len(forward) == len(tokenizer.calls) == math.ceil(n / size)
     # The output (and the per-batch pieces it is concatenated from) plus a few batches;
     # nothing proportional to the 10k tokenised texts.
     bound = 3 * logits.nbytes + 16 * one_batch

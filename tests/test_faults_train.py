@@ -1,291 +1,40 @@
-"""Fault injection on the trainer: kill -9, corrupt checkpoints, poisoned batches,
-SIGTERM, a full disk, config mistakes. Nothing may be lost beyond the steps since
-the last checkpoint, and a resumed run must end bitwise where an uninterrupted one
-ends.
-
-The trainer runs as a real ``mtop-jax train`` child process (one CPU device) so it
-can be killed; a persistent XLA compilation cache shared by the children keeps
-each restart to a few seconds. The kill rounds cycle through four moments (during
-an asynchronous save, while training, during start-up and restore, while an old
-step is deleted). CI runs a bounded version (4 rounds, one of each); for a longer
-campaign:
-
-    MTOP_FAULT_ROUNDS=24 pytest tests/test_faults_train.py -k kill -s
-
-(``-s`` prints the per-round table: the step reached, the checkpoint left, the
-steps lost.)
+"""Fault injection on the trainer, part 2: corrupt checkpoints, a full disk, poisoned
+batches, config mistakes. Nothing may be lost beyond the steps since the last
+checkpoint, and a resumed run must end bitwise where an uninterrupted one ends
+(``test_faults_kill.py`` has kill -9 and SIGTERM; ``fault_helpers.py`` what both share).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from fault_helpers import (
+    RUN_FLAGS,
+    STEPS,
+    TINY,
+    assert_same_state,
+    copy_steps,
+    corrupt,
+    full_state,
+    reference_state,
+    run_child,
+    steps_on_disk,
+    train_cmd,
+)
 
-from mtop_jax.checkpointing import Checkpoints
-from mtop_jax.config_flags import load_config
+from mtop_jax.config.loading import load_config
 from mtop_jax.errors import ConfigError, MtopError
-from mtop_jax.train import train
-
-ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "configs" / "tiny.py")
-ROUNDS = int(os.environ.get("MTOP_FAULT_ROUNDS", "4"))
-STEPS = 10
-# Every step checkpointed (asynchronously): a kill lands mid-save often. No eval, so a
-# child run is mostly start-up, data and (cached) compile.
-RUN_FLAGS = [f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1",
-             "--config.train.log_every=1", "--config.train.eval_split=''",
-             "--config.train.test_split=''", "--config.predict_examples=0",
-             "--config.train.best_metric=''", "--config.mesh.data=1"]
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def child_env() -> dict[str, str]:
-    """A child trainer on one CPU device; it inherits the session's XLA compilation
-    cache (conftest)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def train_cmd(workdir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "mtop_jax.cli", "train", "--config", TINY,
-            "--workdir", str(workdir), *RUN_FLAGS, *flags]
-
-
-def run_child(workdir: Path, env, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(workdir, *flags), env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def full_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """Every array of a saved train state (params, optimizer, weighting, step, RNG) and
-    the data iterator position, flat, on one device."""
-    checkpoints = Checkpoints(workdir, read_only=True)
-    tree = checkpoints.restore_on_one_device(step)
-    data = checkpoints.manager.restore(step, args=_json_only()).data
-    checkpoints.close()
-    flat = {jax.tree_util.keystr(p): np.asarray(
-        jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-        for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    flat["data_position"] = np.frombuffer(json.dumps(data, sort_keys=True).encode(), np.uint8)
-    return flat
-
-
-def _json_only():
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(data=ocp.args.JsonRestore())
-
-
-def assert_same_state(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{what}: {key}")
-
-
-def steps_on_disk(workdir: Path) -> list[int]:
-    checkpoints = Checkpoints(workdir, read_only=True)
-    steps = checkpoints.all_steps()
-    checkpoints.close()
-    return sorted(steps)
-
-
-def logged_steps(workdir: Path) -> list[int]:
-    """The step of every train record in metrics.jsonl, in order (a resumed run appends)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()
-            if line.endswith("}") and '"kind": "train"' in line]
-
-
-def last_logged_step(workdir: Path) -> int:
-    return max(logged_steps(workdir), default=0)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, child_env) -> Path:
-    """An uninterrupted run that keeps every step's checkpoint."""
-    wd = tmp_path_factory.mktemp("reference") / "run"
-    out = run_child(wd, child_env, "--config.train.keep_checkpoints=100")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert steps_on_disk(wd) == list(range(1, STEPS + 1))
-    return wd
-
-
-def reference_state(reference: Path, step: int, cache: dict = {}) -> dict:  # noqa: B006
-    if step not in cache:
-        cache[step] = full_state(reference, step)
-    return cache[step]
-
-
-def check_every_step_on_disk(workdir: Path, reference: Path) -> list[int]:
-    """Every step that restore accepts is exactly the uninterrupted run's state."""
-    steps = steps_on_disk(workdir)
-    for step in steps:
-        assert_same_state(full_state(workdir, step), reference_state(reference, step),
-                          f"{workdir} step {step}")
-    return steps
-
-
-# ---------------------------------------------------------------------------- kill -9
-
-
-MODES = ("mid-save", "running", "start-up", "mid-delete")
-
-
-def kill_during(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random) -> str:
-    """SIGKILL ``proc``: in the middle of its n-th save (n random in 1..4: an orbax
-    temporary step directory exists), at a random moment 0-4 s after its first new
-    step, 0-3 s after launch (start-up, restoring), or while an old step it garbage-
-    collects is in ``deleted/``. Returns what happened."""
-    ckpt = workdir / "checkpoints"
-    deadline = time.monotonic() + 240
-    launched, started = time.monotonic(), None
-    logged_before = len(logged_steps(workdir))  # the log survives kills: count new records
-    delay = rng.uniform(0, 3.0 if mode == "start-up" else 4.0)
-    target, seen = rng.randint(1, 4), set()
-    while proc.poll() is None and time.monotonic() < deadline:
-        if mode == "mid-save":
-            seen.update(os.path.basename(t).split(".")[0] for t in glob.glob(str(ckpt / "*tmp*")))
-            if len(seen) >= target:
-                time.sleep(rng.uniform(0, 0.03))
-                proc.kill()
-                return f"in save #{target} (step {max(seen, key=int)})"
-        elif mode == "mid-delete":
-            if glob.glob(str(ckpt / "deleted" / "*")):
-                time.sleep(rng.uniform(0, 0.002))
-                proc.kill()
-                return "while deleting an old step"
-        elif mode == "start-up":
-            if time.monotonic() - launched >= delay:
-                proc.kill()
-                return f"{delay:.2f} s after launch"
-        else:
-            if started is None and len(logged_steps(workdir)) > logged_before:
-                started = time.monotonic()
-            if started is not None and time.monotonic() - started >= delay:
-                proc.kill()
-                return f"{delay:.2f} s after its first step"
-        time.sleep(0.001)
-    return "finished before the kill" if proc.poll() is not None else "timeout"
-
-
-def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, reference,
-                                                                  child_env):
-    rng = random.Random(int(os.environ.get("MTOP_FAULT_SEED", "0")))
-    wd = tmp_path / "run"
-    flags = ["--config.train.keep_checkpoints=2"]
-    rows = []
-    for r in range(ROUNDS):
-        mode = MODES[r % len(MODES)]
-        before = steps_on_disk(wd)[-1:] if (wd / "checkpoints").exists() else []
-        logged_before = len(logged_steps(wd))
-        proc = subprocess.Popen(train_cmd(wd, *flags), env=child_env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        what = kill_during(proc, wd, mode, rng)
-        proc.wait(timeout=60)
-        stderr = proc.stderr.read()
-        if proc.returncode == 0:  # it finished first: start again from scratch next round
-            rows.append((r, mode, what, STEPS, STEPS, 0))
-            shutil.rmtree(wd)
-            continue
-        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
-        steps = check_every_step_on_disk(wd, reference)
-        kept = max(steps, default=0)
-        assert kept >= max(before, default=0)  # never lose a checkpoint that was complete
-        # The furthest step this run trained (it restarted at `before`).
-        reached = max(logged_steps(wd)[logged_before:], default=max(before, default=0))
-        rows.append((r, mode, what, reached, kept, reached - kept))
-    out = run_child(wd, child_env, *flags)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_state(full_state(wd, STEPS), reference_state(reference, STEPS),
-                      "resumed after kills vs uninterrupted")
-    print("\nround | mode | kill | step reached | checkpoint left | steps lost")
-    for row in rows:
-        print(" | ".join(map(str, row)))
-    # Checkpointing every step, a kill loses the step being saved and the one running.
-    assert all(lost <= 2 for *_, lost in rows), rows
-
-
-def test_old_steps_leave_by_rename_so_a_kill_while_deleting_leaves_no_partial_step(
-        tmp_path, monkeypatch):
-    """Orbax deletes old steps file by file; killed half-way, a listed step would have
-    missing files. Checkpoints has them renamed into ``deleted/`` first and removes them
-    from there: here the process 'dies' before that removal and half-way through it."""
-    def state(step: int) -> dict:
-        return {"w": jax.numpy.arange(64.0) + step, "step": jax.numpy.int32(step)}
-
-    with monkeypatch.context() as m:  # killed before removing what was renamed
-        m.setattr(Checkpoints, "_empty_deleted", lambda self: None)
-        checkpoints = Checkpoints(tmp_path, keep=2)
-        for step in range(1, 6):
-            checkpoints.save(step, state(step), {"position": step})
-        checkpoints.wait()
-        checkpoints.manager.close()
-    deleted = tmp_path / "checkpoints" / "deleted"
-    assert sorted(p.name for p in deleted.iterdir()) == ["1", "2", "3"]  # whole steps
-    assert steps_on_disk(tmp_path) == [4, 5]
-    # ... and killed half-way through removing them: files gone from one of them.
-    for f in sorted((deleted / "2").rglob("*")):
-        if f.is_file():
-            f.unlink()
-    assert steps_on_disk(tmp_path) == [4, 5]
-    checkpoints = Checkpoints(tmp_path, keep=2)  # the resumed run: empties deleted/ first
-    assert list(deleted.iterdir()) == []
-    assert checkpoints.all_steps() == [4, 5]
-    for step in (4, 5):
-        restored = checkpoints.restore_state(step, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0)))
-        np.testing.assert_array_equal(restored["w"], state(step)["w"])
-    checkpoints.save(6, state(6), {"position": 6})
-    checkpoints.close()
-    assert steps_on_disk(tmp_path) == [5, 6] and list(deleted.iterdir()) == []
-
+from mtop_jax.training.loop import train
 
 # ---------------------------------------------------------------------------- corrupt
-
-
-def corrupt(step_dir: Path, how: str) -> None:
-    data_files = sorted(glob.glob(str(step_dir / "state" / "ocdbt.process_0" / "d" / "*")),
-                        key=os.path.getsize)
-    if how == "truncate":
-        os.truncate(data_files[-1], os.path.getsize(data_files[-1]) // 2)
-    elif how == "garbage":
-        with open(data_files[-1], "r+b") as f:
-            f.seek(os.path.getsize(data_files[-1]) // 2)
-            f.write(os.urandom(4096))
-    elif how == "metadata":
-        (step_dir / "state" / "_METADATA").write_text("{")
-    elif how == "data-json":
-        (step_dir / "data" / "metadata").write_text("not json")
-    else:
-        raise ValueError(how)
-
-
-def copy_steps(reference: Path, dest: Path, upto: int) -> None:
-    shutil.copytree(reference, dest)
-    for step in range(upto + 1, STEPS + 1):
-        shutil.rmtree(dest / "checkpoints" / str(step))
 
 
 @pytest.mark.parametrize("newest, older", [("truncate", "metadata"), ("garbage", "data-json")])
@@ -318,33 +67,6 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, reference, child_env)
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("mtop-jax: error: ") and "no readable checkpoint" in last
     assert "step 2 (" in last and "step 1 (" in last and "Traceback" not in out.stderr
-
-
-# ---------------------------------------------------------------------------- SIGTERM
-
-
-def test_sigterm_saves_and_exits_0_within_the_grace_period(tmp_path, reference, child_env):
-    """A preempted TPU VM gets SIGTERM and about 30 s: save the step reached, exit 0."""
-    wd = tmp_path / "run"
-    flags = ["--config.train.checkpoint_every=100"]  # only the preemption save
-    proc = subprocess.Popen(train_cmd(wd, *flags), env=child_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    while last_logged_step(wd) < 3 and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    proc.wait(timeout=60)
-    took = time.monotonic() - sent
-    stderr = proc.stderr.read()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert took < 30, f"exited {took:.1f} s after SIGTERM"
-    reached = last_logged_step(wd)
-    assert steps_on_disk(wd) == [reached], "the preemption save is the step reached"
-    assert "preempted: saved step" in stderr
-    out = run_child(wd, child_env, *flags)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_state(full_state(wd, STEPS), reference_state(reference, STEPS),
-                      "resumed after SIGTERM vs uninterrupted")
 
 
 # ---------------------------------------------------------------------------- disk full
@@ -444,9 +166,9 @@ def poison(monkeypatch, batches: set[int], value: float = float("nan")) -> None:
     (non-finite example weights), so the jitted step sees which batch it is."""
     import jax.numpy as jnp
 
-    from mtop_jax import steps
     from mtop_jax.data.pipeline import TrainIterator
-    from mtop_jax.losses import task_losses
+    from mtop_jax.training import steps
+    from mtop_jax.training.losses import task_losses
 
     original = TrainIterator.__next__
 
@@ -495,7 +217,7 @@ def test_nonfinite_steps_are_skipped_logged_and_stop_training(tmp_path, devices,
     assert steps_on_disk(wd) == [1, 2, 4, 5]
     # The logged rows are the poisoned batch's rows: replaying the iterator shows them.
     from mtop_jax.data.pipeline import build_dataset
-    from mtop_jax.state import load_tokenizer
+    from mtop_jax.training.setup import load_tokenizer
 
     config = tiny()
     data = build_dataset(config.data, load_tokenizer(config), "train")
@@ -587,12 +309,12 @@ def test_task_in_config_missing_from_data_fails_before_any_compile(tmp_path, dev
 
 def test_predictor_and_params_from_skip_an_unreadable_latest_step(tmp_path, reference, caplog):
     import mtop_jax
-    from mtop_jax.transfer import read_params
+    from mtop_jax.training.transfer import read_params
 
     wd = tmp_path / "run"
     copy_steps(reference, wd, upto=4)
     corrupt(wd / "checkpoints" / "4", "truncate")
-    with caplog.at_level("WARNING", logger="mtop_jax.checkpointing"):
+    with caplog.at_level("WARNING", logger="mtop_jax.training.checkpoints"):
         predictor = mtop_jax.load(wd)
         params = read_params(wd)
     assert predictor.step == 3
@@ -607,7 +329,7 @@ def test_predictor_and_params_from_skip_an_unreadable_latest_step(tmp_path, refe
 def test_fingerprint_sees_any_changed_byte_and_ignores_container_types():
     from flax import nnx
 
-    from mtop_jax.checkpointing import fingerprint
+    from mtop_jax.training.checkpoints import fingerprint
 
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(size=(5, 3)).astype(np.float32),

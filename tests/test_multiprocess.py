@@ -1,7 +1,7 @@
 """Multi-host training with real processes on one machine (DESIGN.md section 8).
 
 Two local processes join with ``jax.distributed.initialize`` (through
-``mtop_jax.distributed.maybe_initialize`` and the ``JAX_COORDINATOR_ADDRESS``
+``mtop_jax.parallel.distributed.maybe_initialize`` and the ``JAX_COORDINATOR_ADDRESS``
 variables ``launch/gpu.sh`` sets) on the CPU backend, whose cross-process
 collectives are gloo over TCP. Each feeds its own slice of every global batch
 and trains the tiny config into one shared workdir (orbax writes the
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtop_jax.distributed import detect
+from mtop_jax.parallel.distributed import detect
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -38,12 +38,12 @@ TIMEOUT_S = 300
 
 WORKER = """
 import json, sys
-from mtop_jax.distributed import maybe_initialize
+from mtop_jax.parallel.distributed import maybe_initialize
 
 joined = maybe_initialize()  # before anything touches a device
 import jax
-from mtop_jax.config_flags import load_config
-from mtop_jax.train import train
+from mtop_jax.config.loading import load_config
+from mtop_jax.training.loop import train
 
 config, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 train(load_config(config, overrides), workdir)
@@ -54,7 +54,7 @@ print("MTOP_WORKER", json.dumps({"joined": joined, "process": jax.process_index(
 
 STEPS = 4
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-             f"--config.train.eval_every={STEPS}", "--config.train.test_split=''",
+             f"--config.train.eval_every={STEPS}", "--config.train.test_split=",
              f"--config.train.checkpoint_every={STEPS}", "--config.predict_examples=0",
              "--config.train.async_checkpointing=True"]
 
@@ -198,7 +198,7 @@ def test_two_processes_equal_one(tmp_path, local_devices, mesh):
 
 
 def multihost_preemption() -> bool:
-    from mtop_jax.train import Preemption
+    from mtop_jax.training.guards import Preemption
 
     return hasattr(Preemption, "check")
 
@@ -212,7 +212,7 @@ def test_sigterm_on_one_process_saves_on_all(tmp_path):
     it in a collective, for ever)."""
     workdir = tmp_path / "run"
     overrides = ["--config.train.steps=200", "--config.train.log_every=1",
-                 "--config.train.eval_split=''", "--config.train.test_split=''",
+                 "--config.train.eval_split=", "--config.train.test_split=",
                  "--config.train.checkpoint_every=1000", "--config.predict_examples=0",
                  "--config.mesh.data=-1"]
     port = free_port()

@@ -18,13 +18,12 @@ from mtop_jax.models.multitask import (
     PARAM_GROUPS,
     ModelConfig,
     MultiTaskModel,
-    build_model,
     load_backbone,
     param_group,
     param_labels,
     params_per_task,
 )
-from mtop_jax.sharding import shard_model, state_shardings
+from mtop_jax.parallel.sharding import DEFAULT_RULES, state_shardings
 
 TINY = PRESETS["tiny"]
 
@@ -48,6 +47,13 @@ def make_model(n=3, *, mode="mtop", seed=0, encoder_cfg=TINY, mesh=None, **kw) -
     return model if mesh is None else shard_model(model, mesh)
 
 
+def shard_model(model: MultiTaskModel, mesh) -> MultiTaskModel:
+    """Place every variable of ``model`` on ``mesh`` by its logical names (in place)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, DEFAULT_RULES)))
+    return model
+
+
 def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
     rng = np.random.RandomState(seed)
     ids = rng.randint(1, vocab, (batch, length)).astype(np.int32)
@@ -69,9 +75,15 @@ def with_attention(model: MultiTaskModel, impl: str) -> MultiTaskModel:
 # ------------------------------------------------------------------ fast == dense
 
 
-@pytest.mark.parametrize("depth", ["input", "deep"])
-@pytest.mark.parametrize("num_prompts", [1, 4])
-@pytest.mark.parametrize("num_tasks", [1, 3, 8])
+# Every pair of (tasks, prompts, depth) values occurs in `make test`; `make test-all` runs
+# the whole 3 x 2 x 2 grid.
+PAIRWISE = {(1, 1, "input"), (1, 4, "deep"), (3, 1, "deep"), (3, 4, "input"), (8, 1, "input"),
+            (8, 4, "deep")}
+
+
+@pytest.mark.parametrize("num_tasks, num_prompts, depth", [
+    pytest.param(n, p, d, marks=() if (n, p, d) in PAIRWISE else pytest.mark.slow)
+    for n in (1, 3, 8) for p in (1, 4) for d in ("input", "deep")])
 def test_fast_path_equals_dense_reference(num_tasks, num_prompts, depth):
     fast = make_model(num_tasks, num_prompts=num_prompts, prompt_depth=depth)
     dense = with_attention(fast, "dense")
@@ -183,7 +195,7 @@ def test_dense_reference_is_quadratic_so_the_cost_test_can_fail():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_same_outputs_on_1_and_8_devices(mode, devices):
-    from mtop_jax.sharding import make_mesh
+    from mtop_jax.parallel.sharding import make_mesh
 
     ids, mask = make_batch(batch=4)
     outputs = []
@@ -201,7 +213,7 @@ def test_every_mode_same_outputs_on_1_and_8_devices(mode, devices):
 
 
 def test_tensor_parallel_params_are_really_sharded(devices):
-    from mtop_jax.sharding import make_mesh
+    from mtop_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh({"data": 2, "tensor": 4})
     m = shard_model(make_model(3), mesh)
@@ -285,11 +297,16 @@ def test_mtop_input_states_equal_the_bare_pretrained_encoder():
     np.testing.assert_array_equal(x, hidden)
 
 
-def test_build_model_creates_params_already_sharded(devices):
-    from mtop_jax.sharding import make_mesh
+def test_create_model_creates_params_already_sharded(devices):
+    from mtop_jax.data.tasks import TaskSpec
+    from mtop_jax.models.spec import ModelSpec
+    from mtop_jax.parallel.sharding import make_mesh
+    from mtop_jax.training.state import create_model
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    model = build_model(TINY, ModelConfig(), make_tasks(2), mesh=mesh)
+    tasks = tuple(TaskSpec(name, labels=tuple(f"c{i}" for i in range(c)))
+                  for name, c in make_tasks(2))
+    model = create_model(ModelSpec(TINY, ModelConfig(), tasks), mesh, DEFAULT_RULES, seed=0)
     kernel = model.encoder.layers[0].attention.query.kernel.get_value()
     assert kernel.sharding.spec == PartitionSpec("fsdp", "tensor")
     prompts = model.prompts.embedding.get_value()

@@ -20,11 +20,8 @@ from mtop_jax.weighting import (
     LossWeighting,
     cagrad_simplex,
     combine_grad_tree,
-    feature_weighted_grads,
-    grads_to_matrix,
     gram_of_tree,
     make_weighting,
-    min_norm_2d,
     min_norm_simplex,
     per_task_grads,
 )
@@ -175,16 +172,23 @@ def test_famo_weights_move_to_the_slower_task(variant):
 # ---------------------------------------------------------------- gradient-based
 
 
+def combine_matrix(method, G, losses, present, state, key=None):
+    """The method on a flat ``G: [K, D]``: the one-leaf gradient tree the trainer's path
+    (``combine_grad_tree``) takes. ``(d: [D], new_state, aux)``."""
+    d, state, aux = combine_grad_tree(method, {"g": G}, losses, present, state, key)
+    return d["g"], state, aux
+
+
 @functools.cache
-def _jitted(method, fn: str):
-    """``jax.jit(method.<fn>)``, compiled once per method (eager dispatch is slower here)."""
-    return jax.jit(getattr(method, fn))
+def _jitted(method):
+    """``combine_matrix`` jitted, compiled once per method (eager dispatch is slower here)."""
+    return jax.jit(functools.partial(combine_matrix, method))
 
 
 def _d(name, G, losses=None, present=None, key=None, **kw):
     m = make_weighting(name, G.shape[0], **kw)
     losses = jnp.ones(G.shape[0]) if losses is None else jnp.asarray(losses, jnp.float32)
-    return _jitted(m, "combine_grads")(jnp.asarray(G, jnp.float32), losses, present, m.init(),
+    return _jitted(m)(jnp.asarray(G, jnp.float32), losses, present, m.init(),
                                         key)
 
 
@@ -207,7 +211,7 @@ def test_pcgrad_three_tasks_matches_sequential_projection():
     G[1] = -0.7 * G[0] + 0.3 * G[1]
     m = make_weighting("pcgrad", 3)
     key = jax.random.key(7)
-    d, _, _ = _jitted(m, "combine_grads")(jnp.asarray(G, jnp.float32), jnp.ones(3), None,
+    d, _, _ = _jitted(m)(jnp.asarray(G, jnp.float32), jnp.ones(3), None,
                                            m.init(), key)
     orders = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(key, 3)))
     ref = np.zeros(5)
@@ -218,20 +222,18 @@ def test_pcgrad_three_tasks_matches_sequential_projection():
                 pc -= (pc @ G[j]) / (G[j] @ G[j]) * G[j]
         ref += pc
     np.testing.assert_allclose(d, ref, rtol=1e-5, atol=1e-6)
-    d2, _, _ = _jitted(m, "combine_grads")(jnp.asarray(G, jnp.float32), jnp.ones(3), None,
+    d2, _, _ = _jitted(m)(jnp.asarray(G, jnp.float32), jnp.ones(3), None,
                                             m.init(), key)
     np.testing.assert_array_equal(d, d2)  # deterministic for a given key
 
 
-def test_min_norm_2d_and_mgda_two_tasks_closed_form():
+def test_mgda_two_tasks_closed_form():
     rng = np.random.default_rng(0)
     for trial in range(6):
         g1, g2 = rng.normal(size=4), rng.normal(size=4)
         if trial == 0:
             g2 = 3.0 * g1  # the min-norm point is g1 itself
         w1 = np.clip((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0, 1)
-        gamma = min_norm_2d(g1 @ g1, g1 @ g2, g2 @ g2)
-        assert float(gamma) == pytest.approx(1 - w1, abs=1e-6)
         d, _, aux = _d("mgda", np.stack([g1, g2]))
         np.testing.assert_allclose(aux["weights"], [w1, 1 - w1], atol=1e-5)
         np.testing.assert_allclose(d, w1 * g1 + (1 - w1) * g2, atol=1e-5)
@@ -325,7 +327,7 @@ def test_getmtl_hand_computed_two_tasks():
     ref = (g0 + lam * gw) / rho / (1 + alpha**2) * 2
     m = make_weighting("getmtl", 2)
     state = m.init()
-    combine = _jitted(m, "combine_grads")
+    combine = _jitted(m)
     d, state, aux = combine(jnp.asarray(np.stack([g1, g2]), jnp.float32),
                             jnp.asarray(L, jnp.float32), None, state)
     np.testing.assert_allclose(aux["w"], w, rtol=1e-5)
@@ -341,6 +343,65 @@ def test_getmtl_hand_computed_two_tasks():
         assert bool(aux["fallback"]) and float(aux["rho"]) <= 0
         np.testing.assert_allclose(d, 100.0 * (g1 + g2), rtol=1e-6)
         assert int(state["fallbacks"]) == n
+
+
+# ---------------------------------------------------------------- every method changes the update
+
+# Three tasks whose gradients pairwise conflict (negative dot products), of unequal norms.
+CONFLICTING = np.array([[2.0, 0.3, 0.0, 0.0],
+                        [-0.9, 0.8, 0.2, 0.0],
+                        [-0.2, -0.5, 0.5, 0.3]])
+
+
+def _loss_weights_after_updates(name: str, updates: int) -> np.ndarray:
+    """A loss-based method's weights on equal losses after ``updates`` steps on losses that
+    fall at different rates per task (uncertainty: a gradient step on its log-variances)."""
+    m = make_weighting(name, 3)
+    state, params = m.init(), m.init_params()
+    losses = jnp.array([0.4, 1.5, 3.0])
+    rates = jnp.array([0.5, 0.9, 1.0])  # task 0 falls fastest, task 2 not at all
+    for _ in range(updates):
+        if params:
+            g = jax.grad(lambda p, L=losses, s=state: m.combine(L, None, s, p)[0])(params)
+            params = jax.tree.map(lambda p, g: p - 0.5 * g, params, g)
+        state = m.update(state, losses, None, new_losses=losses * rates)
+        losses = losses * rates
+    _, aux = m.combine(jnp.ones(3), None, state, params)
+    return np.asarray(aux["weights"], np.float64)
+
+
+def _uniform(w) -> bool:
+    return bool(np.allclose(w, np.mean(w), rtol=1e-4, atol=0))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_changes_the_update(name):
+    """Each method other than static gives another update than the plain sum."""
+    assert np.all((CONFLICTING @ CONFLICTING.T)[np.triu_indices(3, 1)] < 0)  # pairwise
+    if name in GRADIENT_BASED:
+        d, _, aux = _d(name, CONFLICTING, [0.5, 1.0, 2.0], key=jax.random.key(1))
+        plain = CONFLICTING.sum(0)
+        d = np.asarray(d, np.float64)
+        cos = d @ plain / (np.linalg.norm(d) * np.linalg.norm(plain))
+        assert cos < 0.99, (name, cos)  # another direction, not a rescaled sum (cos 0.77-0.98)
+        assert not _uniform(aux["weights"]), aux["weights"]
+        return
+    at_init = _loss_weights_after_updates(name, 0)
+    after = _loss_weights_after_updates(name, 4)
+    assert _uniform(at_init), at_init  # every method starts at (a multiple of) the sum
+    if name == "static":  # the reference: fixed weights, whatever the losses did
+        np.testing.assert_array_equal(after, np.ones(3))
+        return
+    assert not _uniform(after), (name, after)
+    if name == "dwa":  # its first two steps are uniform by construction
+        assert _uniform(_loss_weights_after_updates(name, 1))
+        assert not _uniform(_loss_weights_after_updates(name, 2))
+    # The slowest task (2) gains weight over the fastest (0); uncertainty: the largest
+    # loss gets the smallest weight (1 / its variance).
+    if name == "uncertainty":
+        assert after[2] < after[1] < after[0], after
+    else:
+        assert after[2] > after[0], (name, after)
 
 
 # ---------------------------------------------------------------- every method, jitted
@@ -372,7 +433,7 @@ def test_jitted_finite_with_absent_task(name):
         outs = [total, aux, g, state]
         assert float(aux["weights"][2]) == 0.0 and float(g[0][2]) == 0.0
     else:
-        step = jax.jit(m.combine_grads)
+        step = _jitted(m)
         run = lambda state: step(G, losses, present, state, jax.random.key(5))
         for _ in range(3):
             d, state, aux = run(state)
@@ -435,14 +496,17 @@ def test_per_task_grads_and_tree_helpers():
         losses, grads = per_task_grads(_toy_task_losses, params, batch, 2)
         (_, aux), _ = per_task_grads(lambda p, b: (_toy_task_losses(p, b), 2.0 * p["W"]),
                                      params, batch, 2, has_aux=True)
-        G, unravel = grads_to_matrix(grads)
-        d, _, _ = m.combine_grads(G, losses, None, m.init())
+        G = jnp.concatenate([grads["W"].reshape(2, -1), grads["heads"].reshape(2, -1)], 1)
+        d, _, _ = combine_matrix(m, G, losses, None, m.init())
+        n_w = params["W"].size
+        d = {"W": d[:n_w].reshape(params["W"].shape), "heads": d[n_w:].reshape(
+            params["heads"].shape)}
         tree_all, _, _ = combine_grad_tree(m, grads, losses, None, m.init())
         tree_w, _, aux_w = combine_grad_tree(m, grads, losses, None, m.init(), shared=is_w)
         tree_d, _, _ = combine_grad_tree(m, grads, losses, None, m.init(),
                                          shared={"W": True, "heads": False})
         return dict(losses=losses, grads=grads, aux=aux, jac=jax.jacrev(_toy_task_losses)(
-            params, batch), G=G, gram=gram_of_tree(grads), d=unravel(d), tree_all=tree_all,
+            params, batch), G=G, gram=gram_of_tree(grads), d=d, tree_all=tree_all,
             tree_w=tree_w, weights_w=aux_w["weights"], tree_d=tree_d)
 
     r = run(params, batch)
@@ -457,34 +521,6 @@ def test_per_task_grads_and_tree_helpers():
     close(r["tree_w"]["W"], np.tensordot(r["weights_w"], r["grads"]["W"], 1))
     jax.tree.map(close, r["tree_d"], r["tree_w"])
     assert not np.allclose(r["tree_w"]["W"], r["tree_all"]["W"])
-
-
-def test_feature_weighted_grads_equal_weighted_loss_gradient():
-    params, batch = _toy_params(2), _toy_batch(3)
-    encode = lambda W, b: b[0] @ W
-    head = lambda hp, f, b: jnp.mean((f @ hp.T - b[1]) ** 2, axis=0)
-    m = make_weighting("mgda", 2)
-
-    @jax.jit
-    def run(params, batch):
-        losses, (gW, gH), state, aux = feature_weighted_grads(
-            m, encode, head, params["W"], params["heads"], batch, None, m.init())
-        feat = encode(params["W"], batch)
-        G = jax.jacrev(lambda f: head(params["heads"], f, batch))(feat).reshape(2, -1)
-        w_ref, _ = min_norm_simplex(G @ G.T)
-        w = jax.lax.stop_gradient(aux["weights"])
-        ref_W = jax.grad(lambda W: jnp.sum(w * head(params["heads"], encode(W, batch), batch)))(
-            params["W"])
-        ref_H = jax.grad(lambda hp: jnp.sum(head(hp, feat, batch)))(params["heads"])
-        return aux["weights"], w_ref, gW, ref_W, gH, ref_H, state["step"]
-
-    w, w_ref, gW, ref_W, gH, ref_H, step = run(params, batch)
-    # weights: the min-norm problem on the feature gradients
-    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-6)
-    # shared gradient: that of sum_k w_k L_k; heads: the plain sum
-    np.testing.assert_allclose(gW, ref_W, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gH, ref_H, rtol=1e-5, atol=1e-6)
-    assert int(step) == 1
 
 
 # ---------------------------------------------------------------- end to end

@@ -1,5 +1,6 @@
-"""The embedded demo set, ``data/debian-packages``: the default data of the demo
-and of the integration tests (its README says what it is and where it is from).
+"""The embedded demo set, ``mtop_jax/data/debian-packages`` (package data: it
+ships in the wheel and the sdist): the default data of the demo and of the
+integration tests (its README says what it is and where it is from).
 
 Its label sets are given here, not inferred: the ``tasks`` section (tasksel's
 37 ``task-*`` packages) is in the test split only, never in train.
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
-DEBIAN_PACKAGES_DIR = Path(__file__).resolve().parents[2] / "data" / "debian-packages"
+# a real directory: the package is installed unzipped (a wheel, an editable install)
+DEBIAN_PACKAGES_DIR = Path(__file__).resolve().parent / "debian-packages"
 
 DEBIAN_PACKAGES_LABELS: dict[str, tuple[str, ...]] = {
     "section": (

@@ -4,7 +4,7 @@ Post-LayerNorm blocks as in BERT, MiniLM and RoBERTa, built from an
 :class:`EncoderConfig` (itself read from a Hugging Face ``config.json``). The
 parameter tree mirrors the Hugging Face names (``embeddings``, ``layers[i]``,
 ``pooler``) so that weights map one to one, and every parameter carries logical
-axis names (``mtop_jax.sharding``) so that a mesh can shard it.
+axis names (``mtop_jax.models.axes``) so that a mesh can shard it.
 
 The blocks expose their parts (``SelfAttention.project`` / ``.finish``,
 ``FeedForward``) because the MTOP model reuses them for its task prompts
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtop_jax.models.attention import dot_product_attention, padding_bias
+from mtop_jax.models.axes import EMBED, HEADS, MLP, VOCAB, param_init
 from mtop_jax.models.config import EncoderConfig
-from mtop_jax.sharding import EMBED, HEADS, MLP, VOCAB, param_init
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtop_jax.sharding import CLASSES, EMBED, TASKS, param_init
+from mtop_jax.models.axes import CLASSES, EMBED, TASKS, param_init
 
 #: Value of masked (padded) logits: exp() underflows to 0, still finite in bf16.
 MASKED_LOGIT = -1e9

@@ -28,12 +28,12 @@ from flax import nnx
 from mtop_jax.errors import ConfigError
 from mtop_jax.models import prompt_attention
 from mtop_jax.models.attention import padding_bias
+from mtop_jax.models.axes import TASKS, is_per_task, logical_axes
 from mtop_jax.models.config import EncoderConfig
 from mtop_jax.models.encoder import Encoder
 from mtop_jax.models.heads import TaskHeads
 from mtop_jax.models.pooling import POOLERS, TaskQueries, pool_tasks
 from mtop_jax.models.prompts import PrefixPrompts, TaskPrompts
-from mtop_jax.sharding import TASKS, is_per_task, logical_axes
 
 MODES = ("mtop", "shared", "prefix", "single")
 PROMPT_DEPTHS = ("input", "deep")
@@ -255,21 +255,3 @@ def params_per_task(model: MultiTaskModel) -> int:
             total += int(np.prod(var.get_value().shape))
     return total // len(model.tasks)
 
-
-def build_model(encoder_cfg: EncoderConfig, cfg: ModelConfig, tasks: Sequence[Task], *,
-                seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-                rules=None) -> MultiTaskModel:
-    """Initialise a model in one compiled program, already sharded when ``mesh`` is given.
-
-    The big_vision pattern: the abstract model gives the logical shardings, and
-    ``jax.jit(init, out_shardings=...)`` creates every parameter in place on
-    its devices. One program instead of hundreds of eager initialiser calls.
-    """
-    from mtop_jax.sharding import DEFAULT_RULES, state_shardings
-
-    create = lambda: MultiTaskModel(encoder_cfg, cfg, tasks, rngs=nnx.Rngs(seed))
-    graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    shardings = (state_shardings(abstract, mesh, rules or DEFAULT_RULES)
-                 if mesh is not None else None)
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtop_jax.models.attention import mask_bias
+from mtop_jax.models.axes import EMBED, TASKS, param_init
 from mtop_jax.models.encoder import Pooler
-from mtop_jax.sharding import EMBED, TASKS, param_init
 
 POOLERS = ("prompt", "conditional")
 

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtop_jax.models.axes import EMBED, HEADS, LAYERS, MLP, PROMPTS, TASKS, param_init
 from mtop_jax.models.config import EncoderConfig
-from mtop_jax.sharding import EMBED, HEADS, LAYERS, MLP, PROMPTS, TASKS, param_init
 
 
 class TaskPrompts(nnx.Module):

@@ -62,12 +62,9 @@ Gradient-based, inside ``jax.jit``::
     params = optax.apply_updates(params, updates)
 
 ``key`` only matters for ``pcgrad`` (its random projection order); pass a fresh
-``jax.random.fold_in(key, step)`` per step. On a flat ``G: [K, D]``
-(:func:`grads_to_matrix`), ``d, wstate, aux = method.combine_grads(G, losses,
-present, wstate, key)`` and ``unravel(d)``. The cheaper variant that weights by
-the gradients of the shared features instead of the parameters is
-:func:`feature_weighted_grads` (``features = encode_fn(shared_params, batch)``,
-``losses = head_fn(head_params, features, batch)``).
+``jax.random.fold_in(key, step)`` per step (the trainer folds the step into a key
+of ``train.seed``). A flat gradient matrix ``G: [K, D]`` is the one-leaf tree
+``{"g": G}``.
 
 Scales: with equal weights ``static`` gives the sum of the task losses,
 ``uncertainty`` half of it at init (``0.5 exp(-s)``), ``dwa`` the sum (weights sum
@@ -94,13 +91,11 @@ from mtop_jax.weighting.base import (
 from mtop_jax.weighting.gradient_based import MGDA, CAGrad, GetMTL, PCGrad, gradient_scales
 from mtop_jax.weighting.grads import (
     combine_grad_tree,
-    feature_weighted_grads,
-    grads_to_matrix,
     gram_of_tree,
     per_task_grads,
 )
 from mtop_jax.weighting.loss_based import DWA, FAMO, Static, Uncertainty
-from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_2d, min_norm_simplex
+from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_simplex
 
 #: name -> class, loss-based first
 WEIGHTINGS: dict[str, type[Weighting]] = {
@@ -150,13 +145,10 @@ __all__ = [
     "Weighting",
     "cagrad_simplex",
     "combine_grad_tree",
-    "feature_weighted_grads",
     "gradient_scales",
     "gram_of_tree",
-    "grads_to_matrix",
     "make_weighting",
     "masked_softmax",
-    "min_norm_2d",
     "min_norm_simplex",
     "per_task_grads",
 ]

@@ -12,7 +12,7 @@ and optimises together with the model.
   ``update(state, losses, present, ...)`` advances the state after the step.
 - :class:`GradWeighting`: ``weights_from_gram(gram, losses, present, state, key)``
   turns the Gram matrix of the per-task gradients into per-task coefficients;
-  ``combine_grads(G, ...)`` applies them to a flat ``[K, D]`` gradient matrix.
+  ``combine_grad_tree`` applies them to the per-task gradients.
 
 Every method reads a ``present: bool[K]`` mask (``None``: all present). An absent
 task (no labelled example in the batch) gets weight 0, its loss is never read
@@ -126,6 +126,9 @@ class LossWeighting(Weighting):
     """
 
     kind: ClassVar[str] = "loss"
+    #: True when ``update`` wants the same batch's losses after the optimizer step
+    #: (``new_losses``, ``new_present``): the trainer then runs one more forward pass.
+    needs_losses_after_step: ClassVar[bool] = False
 
     def init_params(self, num_tasks: int | None = None) -> Params:
         """Learned parameters of the method (``{}`` unless it has some, see ``uncertainty``)."""
@@ -201,10 +204,9 @@ class GradWeighting(Weighting):
     Every method here depends on the gradients only through their Gram matrix
     ``gram = G G^T`` (and the losses), and returns a direction that is a linear
     combination ``d = sum_k weights_k g_k``. So the core is
-    :meth:`weights_from_gram`; :meth:`combine_grads` applies it to a flat ``[K, D]``
-    matrix, and :func:`~mtop_jax.weighting.grads.combine_grad_tree` /
-    :func:`~mtop_jax.weighting.grads.feature_weighted_grads` to pytrees or to the
-    gradients of shared features. The update is ``state -> new_state`` inside the call.
+    :meth:`weights_from_gram`, and :func:`~mtop_jax.weighting.grads.combine_grad_tree`
+    applies it to per-task gradient pytrees (a flat ``[K, D]`` matrix is the one-leaf
+    case). The update is ``state -> new_state`` inside the call.
     """
 
     kind: ClassVar[str] = "grad"
@@ -248,35 +250,3 @@ class GradWeighting(Weighting):
         state: State,
         key: jax.Array | None,
     ) -> tuple[jax.Array, State, Aux]: ...
-
-    def combine_grads(
-        self,
-        G: jax.Array,
-        losses: jax.Array,
-        present: jax.Array | None,
-        state: State,
-        key: jax.Array | None = None,
-    ) -> tuple[jax.Array, State, Aux]:
-        """``(d: f32[D], new_state, aux)`` from the per-task gradient matrix ``G: [K, D]``.
-
-        Rows of absent tasks are ignored (zeroed). Use
-        :func:`~mtop_jax.weighting.grads.grads_to_matrix` to get ``G`` and the
-        ``unravel`` that turns ``d`` back into a gradient pytree.
-        """
-        G = jnp.asarray(G)
-        if G.ndim != 2 or G.shape[0] != self.num_tasks:
-            raise ConfigError(
-                f"weighting: G has shape {G.shape}, expected ({self.num_tasks}, D)"
-            )
-        mask = as_mask(present, self.num_tasks)
-        G = jnp.where(mask[:, None], G, jnp.zeros_like(G))
-        gram = jnp.matmul(
-            G, G.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-        )
-        weights, state, aux = self.weights_from_gram(gram, losses, mask, state, key)
-        d = jnp.matmul(
-            weights.astype(jnp.float32),
-            G.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        return d, state, aux

@@ -3,17 +3,12 @@
 - :func:`per_task_grads`: ``jax.vjp`` of the per-task loss vector once, then its
   VJP ``jax.vmap``-ed over the rows of the K x K identity: the K per-task
   gradients, stacked on a leading axis of every leaf (memory: K gradients).
-- :func:`grads_to_matrix`: stacked gradients -> ``G: [K, D]`` and the ``unravel``
-  back (``jax.flatten_util.ravel_pytree``), for :meth:`GradWeighting.combine_grads`.
-- :func:`gram_of_tree` / :func:`combine_grad_tree`: the same without ever
-  concatenating the leaves into ``[K, D]``: the Gram matrix is a sum of per-leaf
+- :func:`gram_of_tree` / :func:`combine_grad_tree`: the method applied to them
+  without ever concatenating the leaves into ``[K, D]``: the Gram matrix is a sum of per-leaf
   contractions and ``d`` a per-leaf weighted sum, so every leaf keeps its
   sharding. ``shared`` selects the leaves the method acts on; the others (task
   heads) get the plain sum of the present tasks' gradients, as in the CAGrad,
   GetMTL and Nash-MTL code, where the method only rewrites the shared gradients.
-- :func:`feature_weighted_grads`: the cheaper "shared features" variant (MGDA-UB,
-  Sener and Koltun 2018): weights from the per-task gradients of the shared
-  representation, then one backward pass of the weighted sum of losses.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from mtop_jax.errors import ConfigError
 from mtop_jax.weighting.base import Aux, GradWeighting, State, as_mask
@@ -62,17 +56,6 @@ def per_task_grads(
                           f"expected ({num_tasks},)")
     (grads,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
     return ((losses, aux) if has_aux else losses), grads
-
-
-def grads_to_matrix(grads: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
-    """Stacked per-task gradients (leading [K] axis) -> ``(G: [K, D], unravel)``.
-
-    ``unravel(d: [D])`` is the gradient pytree of one task (leaf dtypes restored).
-    """
-    first = jax.tree.map(lambda x: x[0], grads)
-    _, unravel = ravel_pytree(first)
-    G = jax.vmap(lambda t: ravel_pytree(t)[0])(grads)
-    return G, unravel
 
 
 def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -157,56 +140,3 @@ def combine_grad_tree(
     out = [_weighted_sum(weights if f else ones, x) for x, f in zip(leaves, flags, strict=True)]
     return jax.tree.unflatten(treedef, out), state, aux
 
-
-def feature_weighted_grads(
-    method: GradWeighting,
-    encode_fn: Callable[[PyTree, Any], PyTree],
-    head_fn: Callable[..., Any],
-    shared_params: PyTree,
-    head_params: PyTree,
-    batch: Any,
-    present: jax.Array | None,
-    state: State,
-    key: jax.Array | None = None,
-    *,
-    has_aux: bool = False,
-) -> tuple[Any, tuple[PyTree, PyTree], State, Aux]:
-    """The "shared features" variant: weights from gradients of the shared representation.
-
-    The loss is split as ``features = encode_fn(shared_params, batch)`` (e.g. the
-    encoder output, any pytree) and ``losses = head_fn(head_params, features, batch)``
-    (``f32[K]``, or ``(losses, aux)`` with ``has_aux``). The per-task gradients
-    w.r.t. ``features`` (K vmapped VJPs of the cheap heads only) give the Gram
-    matrix and so the method's weights; then a single backward pass through the
-    encoder carries ``sum_k weights_k dL_k/dfeatures``, i.e. the gradient of
-    ``sum_k weights_k L_k`` (weights held constant). The heads get the plain sum of
-    their present tasks' gradients. One forward and one backward pass of the
-    encoder in all. The weights are those the method would compute if the
-    features were the parameters (exact for PCGrad/MGDA/CAGrad in feature space;
-    for GetMTL, whose ``rho`` and ``lambda`` depend on the absolute gradient
-    norm, the feature-gradient norm stands in for the parameter-gradient norm).
-
-    Returns ``(losses, (shared_grads, head_grads), new_state, aux)`` (``losses`` is
-    ``(losses, aux)`` with ``has_aux``).
-    """
-    features, enc_vjp = jax.vjp(lambda sp: encode_fn(sp, batch), shared_params)
-    f = lambda hp, feats: head_fn(hp, feats, batch)
-    if has_aux:
-        losses, head_vjp, head_aux = jax.vjp(f, head_params, features, has_aux=True)
-    else:
-        losses, head_vjp = jax.vjp(f, head_params, features)
-    k = method.num_tasks
-    if losses.shape != (k,):
-        raise ConfigError(f"feature_weighted_grads: head_fn returned shape {losses.shape}, "
-                          f"expected ({k},)")
-    head_grads, feat_grads = jax.vmap(head_vjp)(jnp.eye(k, dtype=losses.dtype))
-    mask = as_mask(present, k)
-    weights, state, aux = method.weights_from_gram(
-        gram_of_tree(feat_grads, mask), losses, mask, state, key
-    )
-    feat_cot = jax.tree.map(lambda g: _weighted_sum(weights, _mask_rows(g, mask)), feat_grads)
-    (shared_grads,) = enc_vjp(feat_cot)
-    ones = mask.astype(jnp.float32)
-    head_grads = jax.tree.map(lambda g: _weighted_sum(ones, _mask_rows(g, mask)), head_grads)
-    out_losses = (losses, head_aux) if has_aux else losses
-    return out_losses, (shared_grads, head_grads), state, aux

@@ -192,6 +192,7 @@ class FAMO(LossWeighting):
     min_losses: tuple[float, ...] | float = 0.0
     optimizer: Any = None  # optax.GradientTransformation | None
     name: ClassVar[str] = "famo"
+    needs_losses_after_step: ClassVar[bool] = True  # the paper's update
 
     def __post_init__(self):
         super().__post_init__()

@@ -33,19 +33,6 @@ DEFAULT_ITERS = 250
 _TINY = 1e-30
 
 
-def min_norm_2d(aa: jax.Array, ab: jax.Array, bb: jax.Array) -> jax.Array:
-    """The ``gamma`` in [0, 1] minimising ``|(1 - gamma) a + gamma b|^2``.
-
-    From the dot products ``aa = a.a``, ``ab = a.b``, ``bb = b.b``:
-    ``gamma = (a.a - a.b) / |a - b|^2`` clipped to [0, 1] (0 when ``a == b``).
-    For two task gradients this is MGDA's closed form, with weights
-    ``(1 - gamma, gamma)``.
-    """
-    den = aa - 2.0 * ab + bb
-    gamma = (aa - ab) / jnp.where(den > _TINY, den, 1.0)
-    return jnp.where(den > _TINY, jnp.clip(gamma, 0.0, 1.0), 0.0)
-
-
 def normalized_gram(gram: jax.Array, mask: jax.Array) -> jax.Array:
     """``gram`` divided by the mean of its diagonal over the present tasks (if positive)."""
     m = mask.astype(gram.dtype)

@@ -1,10 +1,12 @@
 """Load ``configs/*.py`` files the big_vision way.
 
 ``--config configs/glue.py:mode=shared,steps=100`` imports the file and calls
-its ``get_config(arg)`` with the text after the colon; ``--config.a.b=value``
-then overrides single fields. Values are parsed as Python literals where they
-can be (``3``, ``0.1``, ``True``, ``(64, 128)``, ``None``) and as strings
-otherwise; a field must exist, and a new value must have the field's type.
+its ``get_config(arg)`` with the text after the colon, which the file reads
+with :func:`parse_arg` into the options it declares (a bare word sets its
+first option: ``configs/glue.py:shared``). ``--config.a.b=value`` then
+overrides single fields. Values are parsed as Python literals where they can
+be (``3``, ``0.1``, ``True``, ``(64, 128)``, ``None``); a ``str`` field takes
+the raw text. A field must exist, and a new value must have the field's type.
 """
 
 from __future__ import annotations
@@ -38,10 +40,62 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     takes_arg = bool(inspect.signature(module.get_config).parameters)
     if arg and not takes_arg:
         raise ConfigError(f"{path}: get_config() takes no argument, got ':{arg}'")
-    config = module.get_config(arg or None) if takes_arg else module.get_config()
+    try:
+        config = module.get_config(arg or None) if takes_arg else module.get_config()
+    except ConfigError as e:  # a bad ':arg': name the file it was given to
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     return config
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed(text: str, default: Any, where: str) -> Any:
+    """``text`` as a value of ``default``'s type (``str``: the raw text)."""
+    if isinstance(default, str) or default is None:
+        return text if isinstance(default, str) else parse_value(text)
+    if isinstance(default, bool):
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{where}: {text!r} is not a bool (true/false)")
+    value = parse_value(text)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{where}: {text!r} is not a {type(default).__name__}")
+    return value
+
+
+def parse_arg(arg: str | None, **options: Any) -> ml_collections.ConfigDict:
+    """A config file's argument ``"key=value,key2=value2"`` -> its ``options``.
+
+    ``options`` are the keys the file accepts, with their defaults (which fix the
+    types). A bare word sets the first option (``"shared"`` is ``"mode=shared"``
+    when ``mode`` comes first), or turns on a ``bool`` option of that name.
+    Unknown keys and values of the wrong type raise :class:`ConfigError`.
+    """
+    out = ml_collections.ConfigDict(dict(options))
+    names = list(options)
+    for i, item in enumerate(x.strip() for x in (arg or "").split(",")):
+        if not item:
+            continue
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            if isinstance(options.get(key), bool):
+                out[key] = True
+                continue
+            if i > 0 or not names:
+                raise ConfigError(f"config arg {item!r}: expected key=value; keys are {names}")
+            key, text = names[0], item
+        if key not in options:
+            raise ConfigError(f"config arg {key!r}: unknown; this config takes {names}")
+        out[key] = _typed(text.strip(), options[key], f"config arg {key}")
+    return out
 
 
 def parse_value(text: str) -> Any:
@@ -65,8 +119,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         where = ".".join(parents) or "config"
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"--config.{key}: {where} has no field {leaf!r}; known {known}")
-    value = parse_value(text)
     current = node[leaf]
+    # A str field takes the raw text: '--config.tokenizer=123' is "123", not 123.
+    value = text if isinstance(current, str) else parse_value(text)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -8,8 +8,9 @@ Saves are asynchronous; the last ``keep`` steps are preserved plus the best one
 by a chosen eval metric. Restoring goes through an abstract, sharded state, so
 a checkpoint loads onto any mesh, one CPU included.
 
-Faults (tests/test_faults_train.py): orbax writes a step under a temporary name
-and renames it when complete, so a process killed mid-save leaves no step that
+Faults (tests/test_faults_kill.py, tests/test_faults_train.py): orbax writes a
+step under a temporary name and renames it when complete, so a process killed
+mid-save leaves no step that
 restore accepts; old steps are not deleted in place either (a kill in the middle
 of that would leave a step with missing files) but renamed into ``deleted/`` and
 removed from there. Every restore recomputes the fingerprint of what it read and
@@ -40,7 +41,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from mtop_jax.errors import MtopError
 from mtop_jax.files import as_path
 
-log = logging.getLogger("mtop_jax.checkpointing")
+log = logging.getLogger("mtop_jax.training.checkpoints")
 T = TypeVar("T")
 # Where orbax moves a step it garbage-collects (an atomic rename), for us to delete.
 DELETED = "deleted"
@@ -81,9 +82,6 @@ class Checkpoints:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
-
-    def best_step(self) -> int | None:
-        return self.manager.best_step()
 
     def save(self, step: int, state: Any, data_state: dict[str, Any],
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:
@@ -201,6 +199,22 @@ class Checkpoints:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         self.verify(step, out.state)
         return out.state
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of a saved train state (no optimizer moments are read),
+        placed as the ``jax.ShapeDtypeStruct`` leaves of ``abstract_params`` say, and
+        checked against the fingerprint saved with them."""
+        with ocp.PyTreeCheckpointer() as ckpt:
+            params = ckpt.restore(
+                epath.Path(self.directory) / str(step) / "state",
+                args=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={"params": jax.tree.map(
+                        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                        abstract_params)},
+                    partial_restore=True))["params"]
+        self.verify(step, {"params": params})
+        return params
 
     def restore_on_one_device(self, step: int) -> Any:
         """The saved state on this process's first device, whatever mesh and however many

@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from mtop_jax.data.local_files import read_examples
 from mtop_jax.errors import ConfigError, MtopError
-from mtop_jax.inference import Predictor
+from mtop_jax.models.axes import is_per_task
 from mtop_jax.models.multitask import MultiTaskModel
-from mtop_jax.sharding import is_per_task
-from mtop_jax.state import ModelSpec
+from mtop_jax.models.spec import ModelSpec, placeholder_rest
+from mtop_jax.serving.predictor import Predictor
 
 
 def _model(predictor: Predictor) -> MultiTaskModel:
@@ -88,9 +88,7 @@ def add_task(predictor: Predictor, data_file: str | Path, task: str, field: str 
         flat.append((path, var.replace(jnp.asarray(value))))
     params = nnx.from_flat_state(flat)
     _, _, rest = nnx.split(grown, nnx.Param, ...)
-    from mtop_jax.inference import concrete_rest
-
-    rest = concrete_rest(rest)
+    rest = placeholder_rest(rest)
     grown.eval()
     graphdef = nnx.split(grown, nnx.Param, ...)[0]
 

@@ -17,11 +17,32 @@ import optax
 from flax import nnx
 
 from mtop_jax.errors import ConfigError
+from mtop_jax.models.axes import is_per_task
 from mtop_jax.models.multitask import PARAM_GROUPS, param_group
-from mtop_jax.sharding import is_per_task
 
 FROZEN = "frozen"
 STAGES = ("full", "prompts")
+
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def check_optim_config(cfg: Any, stage: str) -> None:
+    """``config.optim`` and ``train.stage``: names and ranges, before anything is built."""
+    if stage not in STAGES:
+        raise ConfigError(f"train.stage: {stage!r} not in {list(STAGES)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: {cfg.schedule!r} not in {list(SCHEDULES)}")
+    mults = dict(cfg.lr_mult)
+    unknown = sorted(set(mults) - set(PARAM_GROUPS))
+    if unknown:
+        raise ConfigError(f"optim.lr_mult: unknown groups {unknown}; groups are "
+                          f"{list(PARAM_GROUPS)}")
+    negative = sorted(g for g, m in mults.items() if float(m) < 0)
+    if negative:
+        raise ConfigError(f"optim.lr_mult: negative multipliers for {negative}")
+    if float(cfg.learning_rate) <= 0:
+        raise ConfigError(f"optim.learning_rate: must be > 0, got {cfg.learning_rate!r}")
 
 
 def schedule(cfg: Any, steps: int, peak: float) -> optax.Schedule:
@@ -36,7 +57,7 @@ def schedule(cfg: Any, steps: int, peak: float) -> optax.Schedule:
     elif cfg.schedule == "constant":
         decay = optax.constant_schedule(peak)
     else:
-        raise ConfigError(f"optim.schedule: {cfg.schedule!r} not in linear, cosine, constant")
+        raise ConfigError(f"optim.schedule: {cfg.schedule!r} not in {list(SCHEDULES)}")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -64,11 +85,8 @@ def _decay_mask(params: nnx.State) -> nnx.State:
 def make_optimizer(cfg: Any, steps: int, params: nnx.State, stage: str = "full"
                    ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
     """(the optax transformation, the learning-rate schedule of each trained group)."""
+    check_optim_config(cfg, stage)
     mults = dict(cfg.lr_mult)
-    unknown = sorted(set(mults) - set(PARAM_GROUPS))
-    if unknown:
-        raise ConfigError(f"optim.lr_mult: unknown groups {unknown}; groups are "
-                          f"{list(PARAM_GROUPS)}")
     schedules: dict[str, optax.Schedule] = {}
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
     for group in PARAM_GROUPS:

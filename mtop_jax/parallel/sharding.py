@@ -1,31 +1,32 @@
-"""Logical axis names and their mapping onto the device mesh (DESIGN.md section 8).
+"""The device mesh, and how logical axis names map onto it (DESIGN.md section 8).
 
-Model code names the axes of every parameter and activation with the logical
-names below and never a mesh axis. A config maps logical names onto the mesh
-axes ``data``, ``fsdp`` and ``tensor``; changing the parallelism is a config
-change, not a model change (the maxtext pattern).
+Model code names the axes of every parameter with the logical names of
+``mtop_jax.models.axes`` and never a mesh axis. A config maps logical names onto
+the mesh axes ``data``, ``fsdp`` and ``tensor`` (``config.rules``); changing the
+parallelism is a config change, not a model change (the maxtext pattern).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Logical axes used by the model code.
-BATCH = "batch"  # examples of a batch
-LENGTH = "length"  # token positions
-EMBED = "embed"  # hidden width H
-HEADS = "heads"  # attention heads (the fused heads * head_dim width of q/k/v)
-MLP = "mlp"  # feed-forward width
-VOCAB = "vocab"  # vocabulary rows of the word embedding
-TASKS = "tasks"  # the leading task axis of prompts, heads, per-task encoders
-PROMPTS = "prompts"  # prompt slots P of one task
-CLASSES = "classes"  # (padded) classes of a head
-LAYERS = "layers"  # encoder layers (deep prompts, prefixes)
+from mtop_jax.errors import ConfigError
+from mtop_jax.models.axes import (
+    BATCH,
+    CLASSES,
+    EMBED,
+    HEADS,
+    LAYERS,
+    MLP,
+    PROMPTS,
+    TASKS,
+    VOCAB,
+)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -38,32 +39,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (HEADS, "tensor"),
     (MLP, "tensor"),
     (VOCAB, "tensor"),
-    (LENGTH, None),
     (TASKS, None),
     (PROMPTS, None),
     (CLASSES, None),
     (LAYERS, None),
 )
-
-
-def param_init(init: nnx.Initializer, *names: str | None) -> nnx.Initializer:
-    """Wrap an initializer so that the parameter carries logical axis ``names``.
-
-    Eager sharding is off: models are built unsharded (or abstractly) and then
-    placed with ``jax.jit(..., out_shardings=...)`` from these names.
-    """
-    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
-
-
-def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
-    """The logical axis names a variable was created with (empty if none)."""
-    return tuple(var.get_metadata().get("out_sharding") or ())
-
-
-def is_per_task(var: nnx.Variable) -> bool:
-    """True for a variable that belongs to the tasks one by one (leading ``tasks`` axis)."""
-    axes = logical_axes(var)
-    return bool(axes) and axes[0] == TASKS
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence | None = None) -> Mesh:
@@ -72,8 +52,6 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence | None = 
     ``shape`` is a mapping axis -> size (missing axes are 1) or a sequence of
     three sizes in ``MESH_AXES`` order.
     """
-    from mtop_jax.errors import ConfigError
-
     devices = list(jax.devices() if devices is None else devices)
     if isinstance(shape, dict):
         unknown = set(shape) - set(MESH_AXES)
@@ -109,9 +87,22 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
-    """Place every variable of ``model`` on ``mesh`` by its logical names (in place)."""
-    state = nnx.state(model)
-    shardings = state_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
-    return model
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Where a batch's rows go: the leading axis split as the ``batch`` rule says."""
+    batch_axes = dict((k, v) for k, v in rules).get(BATCH)
+    batch_axes = tuple(batch_axes) if isinstance(batch_axes, list) else batch_axes
+    return NamedSharding(mesh, PartitionSpec(batch_axes))
+
+
+def data_parallel_ways(mesh: Mesh, sharding: NamedSharding) -> int:
+    """Into how many parts ``sharding`` splits a batch's rows."""
+    spec = sharding.spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              keys: Iterable[str]) -> dict[str, jax.Array]:
+    """This process's rows of ``keys`` -> global arrays over the mesh (multi-host ready)."""
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}

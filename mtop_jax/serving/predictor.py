@@ -32,74 +32,34 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from mtop_jax.errors import ConfigError, DataError, MtopError
-from mtop_jax.models.multitask import MultiTaskModel
-from mtop_jax.state import ModelSpec, read_model_spec
+from mtop_jax.models.spec import ModelSpec, abstract_model, placeholder_rest, read_model_spec
 
 EXPORT_PARAMS = "params"
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
-def abstract_model(spec: ModelSpec) -> MultiTaskModel:
-    """The model's structure with no memory allocated, in eval mode."""
-    model = nnx.eval_shape(lambda: MultiTaskModel(spec.encoder, spec.model, spec.head_tasks,
-                                                  rngs=nnx.Rngs(0)))
-    model.eval()
-    return model
-
-
-def concrete_rest(abstract_rest: nnx.State) -> nnx.State:
-    """Values for the non-parameter variables (dropout RNG streams, unused in eval)."""
-
-    def make(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
-        return jnp.zeros(x.shape, x.dtype)
-
-    return jax.tree.map(make, abstract_rest)
-
-
-def _on(abstract: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        abstract)
-
-
 def restore_params(path: Path, spec: ModelSpec, sharding: jax.sharding.Sharding,
                    step: int | None = None) -> tuple[nnx.State, int | None]:
     """Parameters of an exported model or of a workdir checkpoint (latest by default)."""
-    _, abstract, _ = nnx.split(abstract_model(spec), nnx.Param, ...)
-    target = _on(abstract, sharding)
+    _, abstract, _ = nnx.split(abstract_model(spec, eval_mode=True), nnx.Param, ...)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
     if (path / EXPORT_PARAMS).is_dir():
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore((path / EXPORT_PARAMS).absolute(), target), None
-    from mtop_jax.checkpointing import Checkpoints
+    from mtop_jax.training.checkpoints import Checkpoints
 
     checkpoints = Checkpoints(path, read_only=True)
-
-    def restore(at: int) -> nnx.State:
-        # Only the parameters of the saved train state (no optimizer moments), checked
-        # against the fingerprint saved with them.
-        with ocp.PyTreeCheckpointer() as ckpt:
-            params = ckpt.restore(
-                (path / "checkpoints" / str(at) / "state").absolute(),
-                args=ocp.args.PyTreeRestore(
-                    item={"params": target},
-                    restore_args={"params": jax.tree.map(
-                        lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)},
-                    partial_restore=True))["params"]
-        checkpoints.verify(at, {"params": params})
-        return params
-
     try:
         if step is not None:
-            return restore(step), step
+            return checkpoints.restore_params(step, target), step
         # The newest good step: an unreadable or corrupted newer one is skipped, warned.
-        restored = checkpoints.restore_latest(restore)
+        restored = checkpoints.restore_latest(lambda at: checkpoints.restore_params(at, target))
     finally:
         checkpoints.close()
     if restored is None:
@@ -214,8 +174,9 @@ class Predictor:
             raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
         self.spec, self.params, self.tokenizer = spec, params, tokenizer
         self.max_length, self.batch_size, self.step = int(max_length), int(batch_size), step
-        self.graphdef, _, abstract_rest = nnx.split(abstract_model(spec), nnx.Param, ...)
-        self.rest = concrete_rest(abstract_rest)
+        self.graphdef, _, abstract_rest = nnx.split(abstract_model(spec, eval_mode=True),
+                                                     nnx.Param, ...)
+        self.rest = placeholder_rest(abstract_rest)
         if sharding is not None:
             self.rest = jax.device_put(self.rest, sharding)
         self.length_buckets = tuple(sorted(

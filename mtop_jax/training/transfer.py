@@ -16,13 +16,13 @@ import numpy as np
 from flax import nnx
 
 from mtop_jax.errors import MtopError
-from mtop_jax.sharding import is_per_task, logical_axes
+from mtop_jax.models.axes import is_per_task, logical_axes
 
 
 def read_params(workdir: Path, step: int | None = None) -> dict[tuple[str, ...], np.ndarray]:
     """Flat {path: array} of the parameters in a workdir's checkpoint (latest by default),
     whatever mesh and number of processes wrote it."""
-    from mtop_jax.checkpointing import Checkpoints
+    from mtop_jax.training.checkpoints import Checkpoints
 
     checkpoints = Checkpoints(workdir, read_only=True)
     if step is not None:
@@ -75,7 +75,7 @@ def copy_params_from(model: nnx.Module, workdir: Path) -> None:
 
 def copy_task_params_from(model: nnx.Module, spec, task: str, workdir: Path) -> None:
     """Task ``task``'s per-task parameters from a run in ``workdir`` that trained it."""
-    from mtop_jax.state import read_model_spec
+    from mtop_jax.models.spec import read_model_spec
 
     names = [t.name for t in spec.tasks]
     if task not in names:

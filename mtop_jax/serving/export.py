@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mtop_jax.errors import MtopError
-from mtop_jax.inference import EXPORT_PARAMS, Predictor
+from mtop_jax.serving.predictor import EXPORT_PARAMS, Predictor
 
 STABLEHLO_FILE = "predict.stablehlo"
 

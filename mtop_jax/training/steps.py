@@ -9,8 +9,11 @@ methods get the per-task gradients of every parameter from one forward and K
 vector-Jacobian products batched with ``jax.vmap``, and combine them on the
 shared parameters (the per-task ones take their own task's gradient). A step
 whose loss or gradient is not finite is not applied and is counted in
-``state.nonfinite_run``. The caller jits it with explicit shardings and
-donates the state.
+``state.nonfinite_run``.
+
+:func:`jit_train_step` and :func:`jit_eval_step` are the one place where these
+are jitted (explicit shardings, the state donated): the trainer, ``mtop-jax
+eval``, the benchmarks and the tests all take their steps from there.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from mtop_jax.losses import task_losses
-from mtop_jax.sharding import is_per_task
-from mtop_jax.state import TrainState
+from mtop_jax.models.axes import is_per_task
+from mtop_jax.training.losses import task_losses
+from mtop_jax.training.state import TrainState
 from mtop_jax.weighting import GradWeighting, LossWeighting, combine_grad_tree, per_task_grads
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "targets", "weights")
@@ -46,9 +50,13 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     weighting: LossWeighting | GradWeighting, regression,
-                    weighting_tx: optax.GradientTransformation | None = None):
+                    weighting_tx: optax.GradientTransformation | None = None, *,
+                    seed: int = 0):
+    """The pure train step; ``seed`` (``train.seed``) keys a method's randomness
+    (PCGrad's projection order), folded with the step number."""
     regression = jnp.asarray(regression)
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
+    base_key = jax.random.key(seed)
 
     def forward(params, rest, batch):
         """(losses [K], (present [K], counts [K], the model's new non-param state))."""
@@ -74,7 +82,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
                     state.params, wparams))
         else:
-            key = jax.random.fold_in(jax.random.key(0), state.step)
+            key = jax.random.fold_in(base_key, state.step)
             (losses, (present, counts, rest)), per_task = per_task_grads(
                 lambda p, b: forward(p, state.rest, b), state.params, batch, len(regression),
                 has_aux=True)
@@ -89,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         wupdates, wopt_new = weighting_tx.update(wgrads, wopt, wparams)
         wparams_new = optax.apply_updates(wparams, wupdates)
         if weighting.kind == "loss":
-            if weighting.name == "famo":  # the paper's update: the same batch after the step
+            if weighting.needs_losses_after_step:  # FAMO: the same batch, after the update
                 new_losses, (new_present, _, _) = forward(params, state.rest, batch)
                 wstate = weighting.update(wstate, losses, present, new_losses=new_losses,
                                           new_present=new_present)
@@ -131,3 +139,24 @@ def make_eval_step(graphdef: nnx.GraphDef, regression):
                 "index": batch["index"]}
 
     return step
+
+
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   weighting: LossWeighting | GradWeighting, regression,
+                   weighting_tx: optax.GradientTransformation, *, seed: int,
+                   state_shardings, data_sharding: NamedSharding):
+    """``(state, batch) -> (state, metrics)`` jitted with the state's and the batch's
+    shardings; the state is donated (updated in place)."""
+    return jax.jit(make_train_step(graphdef, tx, weighting, regression, weighting_tx,
+                                   seed=seed),
+                   in_shardings=(state_shardings, data_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, regression, *, param_shardings, rest_shardings,
+                  data_sharding: NamedSharding):
+    """``(params, rest, batch) -> outputs`` jitted; outputs replicated on the mesh, so
+    that every process reads the whole global batch."""
+    return jax.jit(make_eval_step(graphdef, regression),
+                   in_shardings=(param_shardings, rest_shardings, data_sharding),
+                   out_shardings=NamedSharding(data_sharding.mesh, PartitionSpec()))

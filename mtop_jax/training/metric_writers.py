@@ -24,6 +24,7 @@ class MetricWriter:
         self.workdir = as_path(workdir)
         self.remote = is_remote(workdir)
         self._tb = None
+        self._tb_warned = False  # one warning per writer about TensorBoard, at most
         self._jsonl = None
         self._lines: list[str] = []
         if self.active:
@@ -33,13 +34,12 @@ class MetricWriter:
                 self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
             else:
                 self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
-            try:
-                from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # a dependency: a missing one is an error
 
+            try:
                 self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
             except Exception as e:  # a convenience (JSONL is the record): never fatal
-                if not isinstance(e, ImportError):
-                    log.warning("no TensorBoard files: %s", e)
+                self._warn_tensorboard("no TensorBoard files", e)
                 self._tb = None
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
@@ -51,7 +51,7 @@ class MetricWriter:
             try:
                 for k, v in clean.items():
                     self._tb.add_scalar(f"{kind}/{k}", v, int(step))
-            except OSError as e:
+            except Exception as e:  # a full disk, an unreachable bucket: never fatal
                 self._drop_tensorboard(e)
 
     def write_event(self, step: int, kind: str, record: dict[str, Any]) -> None:
@@ -73,12 +73,18 @@ class MetricWriter:
     def _drop_tensorboard(self, error: Exception) -> None:
         """TensorBoard is a convenience: on a write error (a full disk) stop writing it,
         and stop tensorboardX from flushing again at exit (a traceback then)."""
-        log.warning("TensorBoard files stopped: %s", error)
+        self._warn_tensorboard("TensorBoard files stopped", error)
         for writer in list((getattr(self._tb, "all_writers", None) or {}).values()):
             event_writer = getattr(writer, "event_writer", None)
             if event_writer is not None:
                 event_writer._closed = True
         self._tb = None
+
+    def _warn_tensorboard(self, what: str, error: Exception) -> None:
+        if not self._tb_warned:
+            self._tb_warned = True
+            log.warning("%s in %s (%s); metrics go on to metrics.jsonl only", what,
+                        self.workdir / "tensorboard", error)
 
     def close(self) -> None:
         if not self.active:
@@ -91,5 +97,5 @@ class MetricWriter:
         if self._tb is not None:
             try:
                 self._tb.close()
-            except OSError as e:
+            except Exception as e:
                 self._drop_tensorboard(e)

@@ -1,10 +1,26 @@
 """Evaluation metrics per task, computed on the host from gathered predictions.
 
 Classification: accuracy and macro-F1 always; for two-class tasks also the F1
-of class 1 and Matthews correlation. Regression: Pearson and Spearman.
+of class 1 and Matthews correlation. Regression: Pearson, Spearman (Pearson of
+average ranks, so ties share their mean rank) and the mean squared error.
+
+Macro-F1 is the mean of the per-class F1 over the classes that occur in the true
+labels (``support > 0``), i.e. scikit-learn's
+``f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))``. That is
+not sklearn's default label set, the union of the true and the predicted labels:
+a class that is predicted but absent from ``y_true`` (F1 0) is left out here and
+averaged in by sklearn's default, so ours is never the lower of the two.
+A class of the task that occurs in neither is left out by both. A class that
+occurs but is never predicted counts with F1 0 in both. Where a value is
+undefined (no positive class for F1, a constant input for MCC or a correlation)
+it is 0, as sklearn's ``zero_division=0`` and MCC give (scipy's correlations give
+NaN there).
+
 Each task has a primary metric (GLUE's conventions by task name: MCC for CoLA,
 F1 for MRPC and QQP, Pearson for STS-B; accuracy otherwise) and ``score`` is
-the mean of the primaries.
+the mean of the primaries. Missing labels (-1 or NaN for classification, NaN
+for regression) are skipped; a task left with no labelled example (fewer than
+two for regression) reports only its count and is not part of ``score``.
 """
 
 from __future__ import annotations

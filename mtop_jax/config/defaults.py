@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from mtop_jax.errors import ConfigError
-from mtop_jax.sharding import DEFAULT_RULES
+from mtop_jax.parallel.sharding import DEFAULT_RULES
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-log = logging.getLogger("mtop_jax.distributed")
+log = logging.getLogger("mtop_jax.parallel.distributed")
 
 #: ``1`` forces ``jax.distributed.initialize()`` (auto-detected), ``0`` forbids it.
 FORCE_ENV = "MTOP_JAX_DISTRIBUTED"

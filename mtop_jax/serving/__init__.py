@@ -1,0 +1,7 @@
+"""Serving a trained model (DESIGN.md section 10): ``load`` and the :class:`Predictor`
+(``predictor``), model directories and StableHLO (``export``), adding and removing
+tasks (``task_edit``)."""
+
+from mtop_jax.serving.predictor import Predictor, load
+
+__all__ = ["Predictor", "load"]

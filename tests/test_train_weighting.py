@@ -1,0 +1,89 @@
+"""Every loss-weighting method in the trainer's own jitted step: finite, and a different
+update from the plain sum of the losses."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtop_jax.config.loading import load_config
+from mtop_jax.data.pipeline import build_dataset
+from mtop_jax.parallel.sharding import to_global
+from mtop_jax.training.setup import load_tokenizer, setup
+from mtop_jax.training.steps import BATCH_KEYS
+
+TINY = str(Path(__file__).parents[1] / "configs" / "tiny.py")
+
+
+def tiny_config(*overrides: str):
+    return load_config(TINY, list(overrides))
+
+
+def weighting_run(method: str, devices) -> dict:
+    """4 train steps of the tiny config with a weighting method, from the seed's init and
+    the seed's batches: initial and final parameters, and the steps' metrics."""
+    config = tiny_config("--config.mesh.data=1", f"--config.weighting.method={method}",
+                         "--config.optim.learning_rate=0.003")
+    tokenizer = load_tokenizer(config)
+    data = build_dataset(config.data, tokenizer, "train")
+    run = setup(config, data.tasks, tokenizer, devices=devices[:1])
+    init = jax.device_get(nnx.to_pure_dict(run.state.params))  # before the step donates it
+    batches = data.train_iterator(seed=0)
+    state, steps = run.state, []
+    for _ in range(4):
+        state, metrics = run.train_step(state, to_global(next(batches), run.data_sharding,
+                                                         BATCH_KEYS))
+        steps.append(jax.device_get(metrics))
+    return {"init": init, "params": jax.device_get(nnx.to_pure_dict(state.params)),
+            "state": state, "steps": steps}
+
+
+@pytest.fixture(scope="module")
+def static_run(devices):
+    """The reference every other method must differ from: the plain sum of the losses."""
+    return weighting_run("static", devices)
+
+
+# make test: one method per path of the step (static; learned parameters; the losses
+# after the step; per-task gradients); make test-all: all. Every method's own
+# arithmetic, and that it changes the update, is tested jitted in test_weighting.py.
+@pytest.mark.parametrize("method", [
+    "static", "uncertainty", "famo", "pcgrad",
+    *(pytest.param(m, marks=pytest.mark.slow) for m in ("dwa", "mgda", "cagrad", "getmtl"))])
+def test_every_weighting_method_trains_without_nan(method, devices, static_run):
+    got = weighting_run(method, devices)
+    state, steps = got["state"], got["steps"]
+    for metrics in steps:
+        assert bool(metrics["finite"]), method
+    losses = [float(m["loss"]) for m in steps]
+    assert np.all(np.isfinite(losses)) and int(state.step) == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.weighting))
+
+    # Each method changes the update. The same init and batches as the static run; a
+    # rerun of static is bit-identical, so any difference below is the method's.
+    params, ref = jax.tree.leaves(got["params"]), jax.tree.leaves(static_run["params"])
+    if method == "static":
+        for a, b in zip(params, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+        return
+    moved = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in
+                        zip(jax.tree.leaves(static_run["init"]), ref, strict=True)))
+    apart = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(params, ref, strict=True)))
+    # 1.4% (dwa) to 63% (mgda) of the static run's own movement, measured
+    assert apart > 0.005 * moved, (method, apart / moved)
+    # ... and its weights (the coefficient of each present task's loss or gradient) are
+    # not those of static (all 1) up to a common factor, at some step.
+    weights = [np.asarray(m["weighting/weights"])[np.asarray(m["present"])] for m in steps]
+    spread = [float(np.ptp(w) / np.mean(w)) for w in weights]
+    assert max(spread) > 1e-3, (method, spread)
+    # Equal to static by construction on the first steps (the warmup's first step has
+    # learning rate 0, so no method moves the parameters on step 1):
+    if method == "dwa":  # weights 1 until each task has two recorded losses
+        np.testing.assert_array_equal(np.concatenate(weights[:2]), 1.0)
+        assert max(spread[2:]) > 1e-3, spread
+    if method == "uncertainty":  # log-variances start at 0: all weights 0.5 on step 1
+        np.testing.assert_array_equal(weights[0], 0.5)
+        assert np.any(np.asarray(state.weighting["params"]["log_vars"]) != 0)
+        assert max(spread[1:]) > 1e-3, spread
