@@ -52,20 +52,28 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def _from_text(text: str, current: Any) -> Any:
+    """The value ``text`` stands for in a field whose value is ``current``: a ``str``
+    field takes the raw text; otherwise a Python literal, an int becoming a float for a
+    float field and a list a tuple for a tuple field."""
+    if isinstance(current, str):
+        return text
+    value = parse_value(text)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
 def _typed(text: str, default: Any, where: str) -> Any:
-    """``text`` as a value of ``default``'s type (``str``: the raw text)."""
-    if isinstance(default, str) or default is None:
-        return text if isinstance(default, str) else parse_value(text)
+    """``text`` as a value of ``default``'s type (bools also as true/false, yes/no, 1/0)."""
     if isinstance(default, bool):
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
         raise ConfigError(f"{where}: {text!r} is not a bool (true/false)")
-    value = parse_value(text)
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(default, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if type(value) is not type(default):
+    value = _from_text(text, default)
+    if default is not None and type(value) is not type(default):
         raise ConfigError(f"{where}: {text!r} is not a {type(default).__name__}")
     return value
 
@@ -120,12 +128,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"--config.{key}: {where} has no field {leaf!r}; known {known}")
     current = node[leaf]
-    # A str field takes the raw text: '--config.tokenizer=123' is "123", not 123.
-    value = text if isinstance(current, str) else parse_value(text)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    value = _from_text(text, current)  # '--config.tokenizer=123' is "123", not 123
     if current is not None and isinstance(value, str) and not isinstance(current, str):
         raise ConfigError(f"--config.{key}: {text!r} is not a {type(current).__name__}")
     try:

@@ -106,3 +106,13 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,
               keys: Iterable[str]) -> dict[str, jax.Array]:
     """This process's rows of ``keys`` -> global arrays over the mesh (multi-host ready)."""
     return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}
+
+
+def placed(abstract, sharding):
+    """``jax.ShapeDtypeStruct`` leaves of ``abstract`` placed by ``sharding`` (one for
+    every leaf, or a tree of them like ``abstract``): a restore target."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract, sharding)

@@ -38,6 +38,7 @@ from flax import nnx
 
 from mtop_jax.errors import ConfigError, DataError, MtopError
 from mtop_jax.models.spec import ModelSpec, abstract_model, placeholder_rest, read_model_spec
+from mtop_jax.parallel.sharding import placed
 
 EXPORT_PARAMS = "params"
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -47,8 +48,7 @@ def restore_params(path: Path, spec: ModelSpec, sharding: jax.sharding.Sharding,
                    step: int | None = None) -> tuple[nnx.State, int | None]:
     """Parameters of an exported model or of a workdir checkpoint (latest by default)."""
     _, abstract, _ = nnx.split(abstract_model(spec, eval_mode=True), nnx.Param, ...)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+    target = placed(abstract, sharding)
     if (path / EXPORT_PARAMS).is_dir():
         with ocp.StandardCheckpointer() as ckpt:
             return ckpt.restore((path / EXPORT_PARAMS).absolute(), target), None

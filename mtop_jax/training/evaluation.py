@@ -22,7 +22,7 @@ from mtop_jax.errors import MtopError
 from mtop_jax.files import as_path
 from mtop_jax.models import pretrained
 from mtop_jax.models.spec import ModelSpec, abstract_model, placeholder_rest, read_model_spec
-from mtop_jax.parallel.sharding import state_shardings, to_global
+from mtop_jax.parallel.sharding import placed, state_shardings, to_global
 from mtop_jax.training.checkpoints import Checkpoints
 from mtop_jax.training.metrics import task_metrics
 from mtop_jax.training.steps import BATCH_KEYS, jit_eval_step
@@ -110,8 +110,7 @@ def evaluate_workdir(workdir: str | Path, split: str = "validation",
                                                          nnx.Param, ...)
     param_sh = state_shardings(abstract_params, mesh, rules)
     rest_sh = state_shardings(abstract_rest, mesh, rules)
-    target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          abstract_params, param_sh)
+    target = placed(abstract_params, param_sh)
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         if step is not None:
