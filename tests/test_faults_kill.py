@@ -182,7 +182,7 @@ def test_sigterm_saves_and_exits_0_within_the_grace_period(tmp_path, reference, 
     reached = last_logged_step(wd)
     assert steps_on_disk(wd) == [reached], "the preemption save is the step reached"
     assert "preempted: saved step" in stderr
-    out = run_child(wd, child_env, *flags)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_state(full_state(wd, STEPS), reference_state(reference, STEPS),
-                      "resumed after SIGTERM vs uninterrupted")
+    # The save is the uninterrupted run's state at that step, bit for bit (so resuming from
+    # it is resuming from any checkpoint: the kill test above ends such a resume).
+    assert_same_state(full_state(wd, reached), reference_state(reference, reached),
+                      f"SIGTERM save of step {reached} vs the uninterrupted run's")

@@ -37,24 +37,27 @@ from mtop_jax.training.loop import train
 # ---------------------------------------------------------------------------- corrupt
 
 
-@pytest.mark.parametrize("newest, older", [("truncate", "metadata"), ("garbage", "data-json")])
-def test_corrupt_latest_checkpoints_fall_back_with_a_warning(tmp_path, reference, child_env,
-                                                             newest, older):
-    """Two damaged steps, one kind each (four kinds in two runs): both are skipped with a
-    warning naming them and moved aside; the run resumes from the step before."""
+#: The four kinds of damage, newest step first: each must be skipped on its own.
+DAMAGE = {6: "truncate", 5: "garbage", 4: "metadata", 3: "data-json"}
+
+
+def test_corrupt_latest_checkpoints_fall_back_with_a_warning(tmp_path, reference, child_env):
+    """Four damaged steps, one kind each: every one is skipped with a warning naming it
+    and moved aside; the run resumes from the step before them and ends bitwise where
+    the uninterrupted run ends."""
     wd = tmp_path / "run"
-    copy_steps(reference, wd, upto=6)
-    corrupt(wd / "checkpoints" / "6", newest)
-    corrupt(wd / "checkpoints" / "5", older)
+    copy_steps(reference, wd, upto=max(DAMAGE))
+    for step, how in DAMAGE.items():
+        corrupt(wd / "checkpoints" / str(step), how)
     out = run_child(wd, child_env, "--config.train.keep_checkpoints=100")
     assert out.returncode == 0, out.stderr[-3000:]
-    for step in (6, 5):
+    for step in DAMAGE:
         assert f"checkpoint step {step}" in out.stderr
         assert len(list((wd / "unreadable_checkpoints").glob(f"{step}-*"))) == 1  # kept
-    assert out.stderr.count("unreadable, skipping it") >= 2
-    assert "resumed from step 4" in out.stderr
+    assert out.stderr.count("unreadable, skipping it") >= len(DAMAGE)
+    assert "resumed from step 2" in out.stderr
     assert_same_state(full_state(wd, STEPS), reference_state(reference, STEPS),
-                      f"resumed from step 4 after a {newest} step 6 and a {older} step 5")
+                      f"resumed from step 2 after damaged steps {DAMAGE}")
 
 
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path, reference, child_env):
@@ -180,8 +183,11 @@ def poison(monkeypatch, batches: set[int], value: float = float("nan")) -> None:
         return batch
 
     def poisoned_losses(logits, labels, targets, weights, regression):
+        # ``value`` read back from the weights (labelled rows: 1 * inf = inf; unlabelled:
+        # 0 * inf = nan), not baked in: both tests below run one compiled step.
         bad = ~jnp.all(jnp.isfinite(weights))
-        logits = logits * jnp.where(bad, jnp.float32(value), 1.0)
+        poisoned = jnp.where(jnp.any(jnp.isinf(weights)), jnp.inf, jnp.nan)
+        logits = logits * jnp.where(bad, poisoned, 1.0)
         return task_losses(logits, labels, targets, jnp.where(jnp.isfinite(weights),
                                                               weights, 1.0), regression)
 
@@ -326,10 +332,15 @@ def test_predictor_and_params_from_skip_an_unreadable_latest_step(tmp_path, refe
     assert (wd / "checkpoints" / "4").is_dir()  # readers never move anything
 
 
-def test_fingerprint_sees_any_changed_byte_and_ignores_container_types():
+@pytest.mark.parametrize("version", [1, 2])  # 1: bytes (older checkpoints); 2: words
+def test_fingerprint_sees_any_changed_byte_and_ignores_container_types(version):
+    import functools
+
     from flax import nnx
 
-    from mtop_jax.training.checkpoints import fingerprint
+    from mtop_jax.training import checkpoints
+
+    fingerprint = functools.partial(checkpoints.fingerprint, version=version)
 
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(size=(5, 3)).astype(np.float32),
@@ -359,3 +370,4 @@ def test_fingerprint_sees_any_changed_byte_and_ignores_container_types():
     assert fingerprint(swapped)["w"] != base["w"]
     state = nnx.State({"w": nnx.Param(jax.numpy.asarray(tree["w"]))})
     assert fingerprint(state) == {"w": base["w"]}
+    assert checkpoints.fingerprint(tree, version=3 - version) != base  # versions differ

@@ -1,5 +1,7 @@
 """Serving: load anywhere, predict all tasks in one pass, export, embed, add/remove a task."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -11,11 +13,9 @@ from flax import nnx
 
 import mtop_jax
 from mtop_jax.cli import main
-from mtop_jax.config.loading import load_config
 from mtop_jax.errors import MtopError
 from mtop_jax.serving.export import load_stablehlo, save_model_dir
 from mtop_jax.serving.task_edit import add_task, remove_tasks
-from mtop_jax.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 TEXTS = ["GNU C library: shared libraries", "Python bindings for the GTK toolkit",
@@ -23,15 +23,32 @@ TEXTS = ["GNU C library: shared libraries", "Python bindings for the GTK toolkit
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, devices):
-    """A tiny model trained on an 8-device mesh (data x fsdp x tensor = 2 x 2 x 2)."""
+def trained(tmp_path_factory):
+    """(workdir, stdout) of ``mtop-jax train``: a tiny model with deep prompts on all 8
+    devices (data x fsdp x tensor = 2 x 2 x 2), evaluated on the test split at the end."""
     wd = tmp_path_factory.mktemp("inference") / "run"
-    config = load_config(str(ROOT / "configs" / "tiny.py"), [
-        "--config.train.steps=3", "--config.train.eval_split=", "--config.train.test_split=",
-        "--config.predict_examples=0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2", "--config.model.prompt_depth=deep"])
-    train(config, wd, devices=devices)
-    return wd
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
+                     str(wd), "--config.train.steps=3", "--config.train.eval_split=",
+                     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                     "--config.model.prompt_depth=deep"]) == 0
+    return wd, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workdir(trained):
+    return trained[0]
+
+
+def test_cli_train_prints_test_metrics_and_predictions_then_eval_reads_the_workdir(
+        trained, tmp_path, capsys):
+    workdir, out = trained
+    assert "== test split, step 3" in out and "predictions of all 4 tasks" in out
+    assert main(["eval", "--workdir", str(workdir), "--split", "validation"]) == 0
+    assert "== validation split, step 3" in capsys.readouterr().out
+    assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ checkpoint from both, the metrics come from process 0 alone). A one-process
 run over as many devices on the same global batch must give the same losses
 and the same final parameters.
 
-Every run is a subprocess with its own environment: the test session's
-``XLA_FLAGS`` (8 fake devices, conftest.py) must not leak into them. All of
-them compile with ``--xla_backend_optimization_level=0``, which cuts the
-train step's compile time about threefold on a small CPU; the comparison is
-between runs with identical flags.
+The two processes are subprocesses with their own environment: the test
+session's ``XLA_FLAGS`` (8 fake devices, conftest.py) must not leak into them.
+The one-process run is this test process, on as many of its devices. All of
+them compile with ``--xla_backend_optimization_level=0`` (conftest sets it here
+too), which cuts the train step's compile time about threefold on a small CPU;
+the comparison is between runs with identical flags.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtop_jax.config.loading import load_config
 from mtop_jax.parallel.distributed import detect
+from mtop_jax.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -152,7 +155,7 @@ def records(workdir: Path, kind: str) -> list[dict]:
     # One device a process, pure data parallelism: the same paths, less of them.
     pytest.param(1, {"data": -1}, id="2x1-data", marks=pytest.mark.slow),
 ])
-def test_two_processes_equal_one(tmp_path, local_devices, mesh):
+def test_two_processes_equal_one(tmp_path, devices, local_devices, mesh):
     overrides = OVERRIDES + [f"--config.mesh.{k}={v}" for k, v in
                              {"data": 1, "fsdp": 1, "tensor": 1, **mesh}.items()]
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
@@ -162,17 +165,17 @@ def test_two_processes_equal_one(tmp_path, local_devices, mesh):
                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
                    tmp_path / f"process{i}.log")
              for i in range(2)]
-    procs.append(start(single, overrides,
-                       worker_env(2 * local_devices, MTOP_JAX_DISTRIBUTED="0"),
-                       tmp_path / "single.log"))
-    reports = finish(procs)
-
+    # The one-process run over as many devices, here in the test process (its 8 CPU
+    # devices compile with the same flags), while the two train.
     total = 2 * local_devices
-    assert reports[:2] == [{"joined": True, "process": i, "processes": 2,
-                            "local_devices": local_devices, "devices": total}
-                           for i in range(2)]
-    assert reports[2] == {"joined": False, "process": 0, "processes": 1,
-                          "local_devices": total, "devices": total}
+    try:
+        train(load_config(TINY, overrides), single, devices=devices[:total])
+    finally:
+        reports = finish(procs)
+
+    assert reports == [{"joined": True, "process": i, "processes": 2,
+                        "local_devices": local_devices, "devices": total}
+                       for i in range(2)]
 
     # Process 0 alone wrote the metrics: one record a step, not two.
     got, want = records(multi, "train"), records(single, "train")

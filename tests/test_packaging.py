@@ -1,32 +1,30 @@
-"""Packaging: ``--version``, TensorBoard event files, and a wheel that trains outside
+"""Packaging: ``--version``, TensorBoard writer failures, and a wheel that trains outside
 the clone (the demo set is package data)."""
 
 import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
 from importlib.metadata import version as dist_version
 from pathlib import Path
 
-import jax
 import pytest
 
 import mtop_jax
 from mtop_jax.cli import main
-from mtop_jax.config.loading import load_config
-from mtop_jax.training.loop import train
 from mtop_jax.training.metric_writers import MetricWriter
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
-# 2 steps, one device, no evaluation or test split, no sample predictions
-TINY_2_STEPS = ["--config.train.steps=2", "--config.train.eval_split=",
-                "--config.train.test_split=", "--config.predict_examples=0",
-                "--config.mesh.data=1"]
+# The fault tests' child run (the same program: a compilation cache hit when they ran
+# first), one checkpoint at the end: one device, no evaluation or sample predictions.
+TINY_RUN = ["--config.train.steps=10", "--config.train.checkpoint_every=10",
+            "--config.train.eval_split=", "--config.train.test_split=",
+            "--config.predict_examples=0", "--config.train.best_metric=",
+            "--config.mesh.data=1"]
 
 
 # ---------------------------------------------------------------------- --version
@@ -51,60 +49,6 @@ def test_no_subcommand_is_still_an_error(capsys):
 
 
 # ---------------------------------------------------------------------- TensorBoard
-
-def read_tfrecords(path: Path):
-    """The payloads of a TFRecord file: 8-byte little-endian length, its 4-byte CRC,
-    the payload, its 4-byte CRC (the CRCs are not checked)."""
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-        assert pos + 12 <= len(data), f"{path}: truncated record header at byte {pos}"
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        start = pos + 12
-        assert start + length + 4 <= len(data), f"{path}: truncated record at byte {pos}"
-        yield data[start:start + length]
-        pos = start + length + 4
-
-
-def scalars(event_file: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} of an event file's scalar summaries."""
-    out: dict[str, dict[int, float]] = {}
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        from tensorboardX.proto import event_pb2
-
-        for payload in read_tfrecords(event_file):
-            event = event_pb2.Event.FromString(payload)
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    out.setdefault(value.tag, {})[event.step] = value.simple_value
-        return out
-    acc = EventAccumulator(str(event_file))
-    acc.Reload()
-    for tag in acc.Tags()["scalars"]:
-        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
-    return out
-
-
-def test_tiny_training_writes_tensorboard_event_files(tmp_path):
-    config = load_config(str(TINY), TINY_2_STEPS)
-    train(config, tmp_path, devices=jax.devices()[:1])
-
-    events = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert events, f"no event file in {tmp_path / 'tensorboard'}"
-    found: dict[str, dict[int, float]] = {}
-    for event_file in events:
-        for tag, by_step in scalars(event_file).items():
-            found.setdefault(tag, {}).update(by_step)
-    assert 2 in found.get("train/loss", {}), f"train/loss at step 2 not in {found}"
-
-    # the same value as the JSONL record (float32 in the event file)
-    records = [json.loads(line)
-               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    loss = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 2)
-    assert found["train/loss"][2] == pytest.approx(loss, rel=1e-6)
-
 
 def tensorboard_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records
@@ -230,10 +174,10 @@ def test_wheel_installs_and_trains_outside_the_clone(tmp_path):
 
     shutil.copy2(TINY, run_dir / "tiny.py")
     _run([script, "train", "--config", "tiny.py", "--workdir", "wd",
-          *TINY_2_STEPS], what="mtop-jax train", cwd=run_dir, env=env, timeout=600)
+          *TINY_RUN], what="mtop-jax train", cwd=run_dir, env=env, timeout=600)
 
     wd = run_dir / "wd"
-    assert (wd / "checkpoints" / "2").is_dir(), sorted(p.name for p in (wd / "checkpoints")
+    assert (wd / "checkpoints" / "10").is_dir(), sorted(p.name for p in (wd / "checkpoints")
                                                        .iterdir())
     data_path = Path(json.loads((wd / "config.json").read_text())["data"]["path"]).resolve()
     assert data_path.is_relative_to(site.resolve()), data_path

@@ -1,5 +1,7 @@
-"""The trainer: mesh equality, resume, loss falling, stages, configs."""
+"""The trainer: mesh equality, resume, loss falling, TensorBoard events, stages, configs."""
 
+import json
+import struct
 from pathlib import Path
 
 import jax
@@ -54,33 +56,92 @@ def test_one_step_equal_on_1_2_and_8_devices(mesh, devices, one_device_step):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-def test_resume_equals_uninterrupted(tmp_path, devices):
-    overrides = ["--config.train.steps=8", "--config.train.eval_every=4",
-                 "--config.train.checkpoint_every=100", "--config.train.test_split=",
-                 "--config.predict_examples=0", "--config.mesh.data=2"]
-    straight = train(tiny_config(*overrides), tmp_path / "straight", devices=devices[:2])
-    assert train(tiny_config(*overrides), tmp_path / "resumed", devices=devices[:2],
-                 stop_at=4) == {}
-    resumed = train(tiny_config(*overrides), tmp_path / "resumed", devices=devices[:2])
-    assert resumed == straight  # the same eval metrics at step 8
-    a, b = read_params(tmp_path / "straight"), read_params(tmp_path / "resumed")
+#: One uninterrupted run that three tests read: the loss falls over it, a run stopped
+#: half-way and resumed ends where it ends, and it is the donor of ``init.tasks_from``.
+STRAIGHT = ["--config.train.steps=30", "--config.train.log_every=5",
+            "--config.train.eval_every=15", "--config.train.checkpoint_every=100",
+            "--config.train.test_split=", "--config.predict_examples=0",
+            "--config.optim.learning_rate=0.003", "--config.mesh.data=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, devices):
+    """(workdir, final eval metrics) of the uninterrupted run, on 2 devices."""
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    return workdir, train(tiny_config(*STRAIGHT), workdir, devices=devices[:2])
+
+
+def test_resume_equals_uninterrupted(tmp_path, devices, straight):
+    workdir, metrics = straight
+    assert train(tiny_config(*STRAIGHT), tmp_path / "resumed", devices=devices[:2],
+                 stop_at=15) == {}
+    resumed = train(tiny_config(*STRAIGHT), tmp_path / "resumed", devices=devices[:2])
+    assert resumed == metrics  # the same eval metrics at step 30
+    a, b = read_params(workdir), read_params(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg="/".join(key))
 
 
-def test_loss_falls_on_tiny_config(tmp_path, devices):
-    train(tiny_config("--config.train.steps=30", "--config.train.eval_every=100",
-                      "--config.train.log_every=5", "--config.train.test_split=",
-                      "--config.predict_examples=0", "--config.optim.learning_rate=0.003",
-                      "--config.mesh.data=1"),
-          tmp_path, devices=devices[:1])
-    import json
-
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_loss_falls_on_tiny_config(straight):
+    workdir, _ = straight
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def read_tfrecords(path: Path):
+    """The payloads of a TFRecord file: 8-byte little-endian length, its 4-byte CRC,
+    the payload, its 4-byte CRC (the CRCs are not checked)."""
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        assert pos + 12 <= len(data), f"{path}: truncated record header at byte {pos}"
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        start = pos + 12
+        assert start + length + 4 <= len(data), f"{path}: truncated record at byte {pos}"
+        yield data[start:start + length]
+        pos = start + length + 4
+
+
+def scalars(event_file: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of an event file's scalar summaries."""
+    out: dict[str, dict[int, float]] = {}
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        from tensorboardX.proto import event_pb2
+
+        for payload in read_tfrecords(event_file):
+            event = event_pb2.Event.FromString(payload)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, {})[event.step] = value.simple_value
+        return out
+    acc = EventAccumulator(str(event_file))
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    return out
+
+
+def test_training_writes_tensorboard_event_files(straight):
+    tmp_path, _ = straight
+
+    events = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, f"no event file in {tmp_path / 'tensorboard'}"
+    found: dict[str, dict[int, float]] = {}
+    for event_file in events:
+        for tag, by_step in scalars(event_file).items():
+            found.setdefault(tag, {}).update(by_step)
+    assert 30 in found.get("train/loss", {}), f"train/loss at step 30 not in {found}"
+
+    # the same value as the JSONL record (float32 in the event file)
+    records = [json.loads(line)
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    loss = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 30)
+    assert found["train/loss"][30] == pytest.approx(loss, rel=1e-6)
 
 
 def test_prompts_stage_changes_no_backbone_parameter(tmp_path, devices):
@@ -128,14 +189,11 @@ def test_bad_mesh_is_rejected_before_compiling(devices):
         check_before_data(config, devices)
 
 
-def test_tasks_from_copies_one_tasks_parameters(tmp_path, devices):
-    overrides = ["--config.train.steps=2", "--config.train.test_split=",
-                 "--config.train.eval_split=", "--config.predict_examples=0",
-                 "--config.mesh.data=1"]
-    train(tiny_config(*overrides), tmp_path / "donor", devices=devices[:1])
-    donor = read_params(tmp_path / "donor")
-    config = tiny_config(*overrides, "--config.train.seed=1")
-    config.init.tasks_from = {"role": str(tmp_path / "donor")}
+def test_tasks_from_copies_one_tasks_parameters(devices, straight):
+    donor_dir, _ = straight
+    donor = read_params(donor_dir)
+    config = tiny_config("--config.mesh.data=1", "--config.train.seed=1")
+    config.init.tasks_from = {"role": str(donor_dir)}
     tokenizer = load_tokenizer(config)
     tasks = build_dataset(config.data, tokenizer, "train").tasks
     run = setup(config, tasks, tokenizer, devices=devices[:1])
@@ -149,20 +207,6 @@ def test_tasks_from_copies_one_tasks_parameters(tmp_path, devices):
                               donor[("prompts", "embedding")][other])
     assert not np.array_equal(got[("encoder", "pooler", "dense", "kernel")],
                               donor[("encoder", "pooler", "dense", "kernel")])
-
-
-def test_cli_train_then_eval(tmp_path, capsys):
-    from mtop_jax.cli import main
-
-    workdir = str(tmp_path / "run")
-    assert main(["train", "--config", TINY, "--workdir", workdir, "--config.train.steps=2",
-                 "--config.train.eval_split="]) == 0
-    out = capsys.readouterr().out
-    assert "== test split, step 2" in out and "predictions of all 4 tasks" in out
-    assert main(["eval", "--workdir", workdir, "--split", "validation"]) == 0
-    assert "== validation split, step 2" in capsys.readouterr().out
-    assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
-    assert "not a training workdir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["debian_packages", "glue", "toxicity", "tiny"])
