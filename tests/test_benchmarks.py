@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import forward_passes, train_step  # noqa: E402
+from benchmarks import forward_passes, quality, train_step  # noqa: E402
 
 ROW_FIELDS = {"size", "mode", "tasks", "length", "batch", "status", "skip_reason", "flops",
               "median_s", "min_s", "max_s", "times_s", "repeats", "spread", "compile_s"}
@@ -101,3 +101,22 @@ def test_train_step_quick_gradient_weighting_costs_more(tmp_path):
                             ["static", "pcgrad"])
     # K per-task backward passes instead of one
     assert rows[("mtop", "pcgrad")]["flops_vs_static"] > 1.5
+
+
+def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, capsys):
+    result = quality.main(["--quick", "--modes", "mtop", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| task" in out and "TF-IDF" in out and "mean accuracy" in out
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert sorted(saved["tasks"]) == ["implemented_in", "interface", "role", "section"]
+    (run,) = saved["results"]
+    assert (run["mode"], run["seed"], run["steps"]) == ("mtop", 0, 4)
+    for task in saved["tasks"]:  # the trainer's test metrics and the reference's, per task
+        assert 0 <= run["test"][f"{task}/accuracy"] <= 1
+        assert 0 <= saved["tfidf"][f"{task}/accuracy"] <= 1
+        assert run["test"][f"{task}/count"] == saved["tfidf"][f"{task}/count"] > 0
+    # the training subset: --max-train texts of the train split, the same for all
+    assert len((tmp_path / "data" / "train-128.jsonl").read_text().splitlines()) == 128
+    assert (tmp_path / "runs" / "config-mtop-seed0" / "checkpoints" / "4").is_dir()
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert result["results"][0]["test"] == run["test"]

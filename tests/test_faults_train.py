@@ -371,3 +371,77 @@ def test_fingerprint_sees_any_changed_byte_and_ignores_container_types(version):
     state = nnx.State({"w": nnx.Param(jax.numpy.asarray(tree["w"]))})
     assert fingerprint(state) == {"w": base["w"]}
     assert checkpoints.fingerprint(tree, version=3 - version) != base  # versions differ
+
+
+# ---------------------------------------------------------------------- data of every split
+
+
+def write_splits(root: Path, test_rows: list[dict], validation_rows: list[dict] | None = None
+                 ) -> Path:
+    """A two-task data directory whose label sets are inferred from train.jsonl."""
+    rows = [{"id": f"p{i}", "text": f"package {i} " + ("game" if i % 2 else "library"),
+             "labels": {"kind": "fun" if i % 2 else "work", "arch": "all" if i % 3 else "any"}}
+            for i in range(64)]
+    root.mkdir()
+    for split, split_rows in (("train", rows), ("validation", validation_rows or rows[:16]),
+                              ("test", test_rows)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    return root
+
+
+def two_task_config(data_dir: Path, *flags: str):
+    config = load_config(TINY, [f"--config.data.path={data_dir}", "--config.data.id_field=",
+                                *flags])
+    config.data.tasks = {"kind": "labels.kind", "arch": "labels.arch"}
+    return config
+
+
+def test_an_unknown_test_label_fails_before_any_compile_naming_file_and_line(
+        tmp_path, devices, compiles):
+    test_rows = [{"text": "a", "labels": {"kind": "fun", "arch": "all"}},
+                 {"text": "b", "labels": {"kind": "work", "arch": "any"}},
+                 {"text": "c", "labels": {"kind": "boring", "arch": "all"}}]
+    data_dir = write_splits(tmp_path / "data", test_rows)
+    compiles.active, compiles.count = True, 0
+    try:
+        with pytest.raises(MtopError, match=r"test\.jsonl:3: task kind: label 'boring'"):
+            train(two_task_config(data_dir), tmp_path / "run", devices=devices[:1])
+    finally:
+        compiles.active = False
+    assert compiles.count == 0
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_labels_ignore_counts_them_as_missing(tmp_path, caplog):
+    from mtop_jax.data.pipeline import build_dataset
+    from mtop_jax.training.setup import load_tokenizer
+
+    test_rows = [{"text": "a", "labels": {"kind": "fun", "arch": "all"}},
+                 {"text": "b", "labels": {"kind": "boring", "arch": "any"}},
+                 {"text": "c", "labels": {"kind": "dull", "arch": "all"}}]
+    config = two_task_config(write_splits(tmp_path / "data", test_rows),
+                             "--config.data.unknown_labels=ignore")
+    tokenizer = load_tokenizer(config)
+    tasks = build_dataset(config.data, tokenizer, "train").tasks
+    with caplog.at_level("WARNING", logger="mtop_jax.data.local_files"):
+        test = build_dataset(config.data, tokenizer, "test", tasks=tasks)
+    assert test.examples.label_counts() == {"arch": 3, "kind": 1}
+    assert any("test.jsonl" in r.getMessage() and "kind 2" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match="data.unknown_labels"):
+        build_dataset({**config.data.to_dict(), "unknown_labels": "skip"}, tokenizer, "train")
+
+
+def test_a_task_absent_from_the_validation_split_fails_before_any_compile(
+        tmp_path, devices, compiles):
+    validation = [{"text": "a", "labels": {"kind": "fun", "arch": None}},
+                  {"text": "b", "labels": {"kind": "work", "arch": None}}]
+    data_dir = write_splits(tmp_path / "data", validation[:1], validation_rows=validation)
+    compiles.active, compiles.count = True, 0
+    try:
+        with pytest.raises(MtopError, match=r"validation\.jsonl: split 'validation' has no "
+                                            r"labelled example of task arch"):
+            train(two_task_config(data_dir), tmp_path / "run", devices=devices[:1])
+    finally:
+        compiles.active = False
+    assert compiles.count == 0

@@ -5,7 +5,13 @@ import warnings
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    matthews_corrcoef,
+    mean_squared_error,
+    r2_score,
+)
 
 from mtop_jax.data.tasks import TaskSpec
 from mtop_jax.training.metrics import (
@@ -124,7 +130,7 @@ def test_single_class_task():
 def sk_regression(y_true, y_pred):
     return {"pearson": stats.pearsonr(y_true, y_pred).statistic,
             "spearman": stats.spearmanr(y_true, y_pred).statistic,
-            "mse": mean_squared_error(y_true, y_pred)}
+            "mse": mean_squared_error(y_true, y_pred), "r2": r2_score(y_true, y_pred)}
 
 
 def test_regression_equals_scipy_on_random_cases_with_ties():

@@ -209,7 +209,8 @@ def test_tasks_from_copies_one_tasks_parameters(devices, straight):
                               donor[("encoder", "pooler", "dense", "kernel")])
 
 
-@pytest.mark.parametrize("name", ["debian_packages", "glue", "toxicity", "tiny"])
+@pytest.mark.parametrize("name", ["debian_packages", "debian_packages_dev", "glue", "toxicity",
+                                  "tiny"])
 def test_every_config_file_loads_and_is_valid(name):
     from mtop_jax.config.defaults import check_config
     from mtop_jax.models.multitask import ModelConfig

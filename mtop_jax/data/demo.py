@@ -51,4 +51,5 @@ def debian_packages_config(path: str | Path | None = None) -> ml_collections.Con
     data.cache = True
     data.cache_dir = ""
     data.max_examples = None
+    data.unknown_labels = "error"
     return data

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ import numpy as np
 from mtop_jax.data.examples import ExampleSet
 from mtop_jax.data.tasks import KINDS, TaskSpec
 from mtop_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv")
 _SUFFIXES = {"jsonl": (".jsonl", ".ndjson", ".json"), "csv": (".csv", ".tsv")}
@@ -166,9 +169,13 @@ def infer_task_specs(raw: RawRecords) -> tuple[TaskSpec, ...]:
     return tuple(specs)
 
 
-def to_examples(raw: RawRecords, specs: Sequence[TaskSpec], name: str = "") -> ExampleSet:
-    """Indexes ``raw``'s labels against ``specs`` (one per column, same order)."""
+def to_examples(raw: RawRecords, specs: Sequence[TaskSpec], name: str = "",
+                unknown_labels: str = "error") -> ExampleSet:
+    """Indexes ``raw``'s labels against ``specs`` (one per column, same order). A label
+    not in its task's set raises (``unknown_labels="error"``) or counts as missing
+    (``"ignore"``: logged with the count per task)."""
     labels = np.full((len(raw.texts), len(specs)), np.nan, np.float32)
+    ignored: dict[str, int] = {}
     for j, (spec, col, values) in enumerate(zip(specs, raw.columns, raw.values, strict=True)):
         if spec.kind != col.kind:
             raise DataError(f"{raw.path}: task {spec.name} is {col.kind} in the data config "
@@ -182,7 +189,14 @@ def to_examples(raw: RawRecords, specs: Sequence[TaskSpec], name: str = "") -> E
             try:
                 labels[i, j] = spec.index(value)
             except DataError as e:
-                raise DataError(f"{raw.path}:{raw.lines[i]}: {e}") from None
+                if unknown_labels != "ignore":
+                    raise DataError(f"{raw.path}:{raw.lines[i]}: {e} (data.unknown_labels="
+                                    "'ignore' counts it as missing)") from None
+                ignored[spec.name] = ignored.get(spec.name, 0) + 1
+    if ignored:
+        log.warning("%s: labels outside the task's label set, counted as missing "
+                    "(data.unknown_labels='ignore'): %s", raw.path,
+                    ", ".join(f"{task} {n}" for task, n in ignored.items()))
     return ExampleSet(tuple(specs), raw.texts, labels, raw.pairs, raw.ids, name or raw.path.stem)
 
 
@@ -214,7 +228,8 @@ def load_local(cfg: Mapping[str, Any], split: str,
         task_specs = infer_task_specs(raw)
     else:
         task_specs = infer_task_specs(read_records(split_file(cfg, "train"), columns, **kw))
-    return to_examples(raw, task_specs, name=str(cfg.get("name") or Path(cfg["path"]).name))
+    return to_examples(raw, task_specs, name=str(cfg.get("name") or Path(cfg["path"]).name),
+                       unknown_labels=cfg.get("unknown_labels") or "error")
 
 
 def split_file(cfg: Mapping[str, Any], split: str) -> Path:

@@ -28,7 +28,10 @@ Data config keys (``ml_collections.ConfigDict`` or dict):
   (``proportional``, ``temperature``, ``uniform``, ``dynamic``),
   ``temperature`` (2.0), ``seed`` (0), ``cache`` (True), ``cache_dir``
   (``""``: ``$MTOP_JAX_CACHE/tokens`` or ``~/.cache/mtop_jax/tokens``),
-  ``max_examples`` (None: all; else the first n of every source, for smoke runs).
+  ``max_examples`` (None: all; else the first n of every source, for smoke runs),
+  ``unknown_labels`` (``"error"``: a label of a validation or test file that the
+  task's label set lacks stops the run, naming file and line; ``"ignore"``: it
+  counts as missing, and the count is logged).
 """
 
 from __future__ import annotations
@@ -43,22 +46,23 @@ import numpy as np
 
 from mtop_jax.data import batching
 from mtop_jax.data.examples import ExampleSet
-from mtop_jax.data.local_files import load_local
+from mtop_jax.data.local_files import load_local, split_file
 from mtop_jax.data.mixing import SourceSampler
 from mtop_jax.data.tasks import TaskSpec, merge_task_specs
 from mtop_jax.data.tokenization import Encoded, default_cache_dir, tokenize
-from mtop_jax.errors import ConfigError
+from mtop_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "source": "jsonl", "max_length": 128, "batch_size": 32, "eval_batch_size": None,
     "buckets": None, "mixing": "proportional", "temperature": 2.0, "seed": 0, "cache": True,
-    "cache_dir": "", "max_examples": None,
+    "cache_dir": "", "max_examples": None, "unknown_labels": "error",
 }
+UNKNOWN_LABELS = ("error", "ignore")
 SOURCES = ("jsonl", "csv", "tfds")
 _SHARED = ("max_length", "batch_size", "eval_batch_size", "buckets", "mixing", "temperature",
-           "seed", "cache", "cache_dir")
+           "seed", "cache", "cache_dir", "unknown_labels")
 
 
 def load_examples(config: Any, split: str, tasks: Sequence[TaskSpec] | None = None
@@ -263,7 +267,27 @@ def _config(config: Any) -> dict[str, Any]:
     cfg = _plain(config)
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"data config: expected a mapping, got {type(cfg).__name__}")
-    return {**DEFAULTS, **cfg}
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["unknown_labels"] not in UNKNOWN_LABELS:
+        raise ConfigError(f"data.unknown_labels: expected one of {UNKNOWN_LABELS}, "
+                          f"got {cfg['unknown_labels']!r}")
+    return cfg
+
+
+def require_every_task(dataset: Dataset, config: Any) -> None:
+    """A ``DataError`` naming the split's files if a task has no labelled example in it:
+    its metrics would be missing from every evaluation, found only at the end."""
+    counts = dataset.examples.label_counts()
+    absent = [t.name for t in dataset.tasks if not counts.get(t.name)]
+    if absent:
+        files = []
+        for source in source_configs(config):
+            if source.get("source", "jsonl") in ("jsonl", "csv"):
+                files.append(str(split_file(source, dataset.split)))
+        where = ", ".join(files) or ", ".join(dataset.source_names)
+        raise DataError(f"{where}: split '{dataset.split}' has no labelled example of "
+                        f"task{'s' if len(absent) > 1 else ''} {', '.join(absent)}; every "
+                        "task needs some, or its metrics are missing from every evaluation")
 
 
 def _plain(x: Any) -> Any:

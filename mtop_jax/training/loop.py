@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mtop_jax.data.pipeline import Dataset, build_dataset
+from mtop_jax.data.pipeline import Dataset, build_dataset, require_every_task
 from mtop_jax.errors import MtopError
 from mtop_jax.files import as_path
 from mtop_jax.parallel.sharding import to_global
@@ -93,8 +93,13 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
     tokenizer = load_tokenizer(config)
     train_set = build_dataset(config.data, tokenizer, "train")
     tasks = train_set.tasks
-    eval_set = (build_dataset(config.data, tokenizer, tcfg.eval_split, tasks=tasks)
-                if tcfg.eval_split else None)
+    # Every split the run reads, checked now: a bad label in the test file must not
+    # surface after the training it ends.
+    eval_set, test_set = (build_dataset(config.data, tokenizer, split, tasks=tasks)
+                          if split else None for split in (tcfg.eval_split, tcfg.test_split))
+    for dataset in (train_set, eval_set, test_set):
+        if dataset is not None:
+            require_every_task(dataset, config.data)
 
     # ------------------------------------------------------------------ model and state
     run = setup(config, tasks, tokenizer, devices=devices)
@@ -214,9 +219,7 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
 
     # ------------------------------------------------------------------ final
     results = dict(last_eval or {})
-    test_set = None
-    if tcfg.test_split:
-        test_set = build_dataset(config.data, tokenizer, tcfg.test_split, tasks=tasks)
+    if test_set is not None:
         test = run_eval(test_set, step, "test")
         results.update({f"test/{k}": v for k, v in test.items()})
         if is_main:

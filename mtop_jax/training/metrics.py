@@ -2,7 +2,8 @@
 
 Classification: accuracy and macro-F1 always; for two-class tasks also the F1
 of class 1 and Matthews correlation. Regression: Pearson, Spearman (Pearson of
-average ranks, so ties share their mean rank) and the mean squared error.
+average ranks, so ties share their mean rank), the mean squared error and R^2
+(scikit-learn's ``r2_score``; 0 for a constant target).
 
 Macro-F1 is the mean of the per-class F1 over the classes that occur in the true
 labels (``support > 0``), i.e. scikit-learn's
@@ -76,9 +77,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    t, p = y_true.astype(np.float64), y_pred.astype(np.float64)
+    sse, sst = float(np.sum((t - p) ** 2)), float(np.sum((t - t.mean()) ** 2))
     return {"pearson": _pearson(y_true, y_pred),
             "spearman": _pearson(_rank(y_true), _rank(y_pred)),
-            "mse": float(np.mean((y_true - y_pred) ** 2))}
+            "mse": sse / len(y_true), "r2": 1.0 - sse / sst if sst > 0 else 0.0}
 
 
 def task_metrics(tasks: Sequence, predictions: Mapping[str, np.ndarray],

@@ -1,0 +1,342 @@
+"""Quality (DESIGN.md section 11): modes and recipes trained with one budget on one
+data directory, several seeds, scored on the test split beside a TF-IDF reference.
+
+    python benchmarks/quality.py --config configs/debian_packages.py \
+        --modes mtop,shared --seeds 0,1,2 --out benchmarks/results/quality-demo
+    python benchmarks/quality.py --quick --out /tmp/quality   # tiny, for the tests
+
+Every run goes through the real trainer (``mtop_jax.training.loop.train``), in its
+own workdir under ``--out/runs`` (so a rerun resumes or reuses finished runs), with
+``train.seed`` and ``data.seed`` both set to the seed. The reference is TF-IDF over
+word 1-2 grams with a logistic regression per classification task and a ridge
+regression per regression task (scikit-learn, the ``bench`` extra), fitted on the
+same training texts, its C / alpha chosen on the validation split. Prints Markdown
+tables (accuracy and macro-F1 per task, R^2 and Spearman for regression; mean and
+spread over seeds), and writes ``quality.json`` and ``quality.png``.
+
+A recipe is a name and config overrides: ``--recipe lr1e-4:optim.learning_rate=1e-4``
+(repeatable; overrides joined by ``;``). Without one, the config as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    environment,
+    markdown_table,
+    pyplot,
+    save_figure,
+    str_list,
+    write_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("mtop", "shared", "prefix", "single")
+QUICK = dict(config=str(ROOT / "configs" / "tiny.py"), modes="mtop,shared", seeds="0",
+             steps=4, max_train=128)
+FULL = dict(config=str(ROOT / "configs" / "debian_packages.py"), modes="mtop,shared",
+            seeds="0,1,2", steps=None, max_train=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    recipe: str
+    overrides: tuple[str, ...]
+    mode: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe}-{self.mode}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a config file whose arg takes mode= and seed= "
+                   f"(default {FULL['config']})")
+    p.add_argument("--data", help="another data directory (data.path) for the same tasks")
+    p.add_argument("--modes", help=f"of {list(MODES)} (default {FULL['modes']})")
+    p.add_argument("--seeds", help=f"train and data seeds (default {FULL['seeds']})")
+    p.add_argument("--steps", type=int, help="train.steps of every run (default: the config's)")
+    p.add_argument("--max-train", type=int, help="a random subset of this many training "
+                   "texts (the same for every run and the reference)")
+    p.add_argument("--recipe", action="append", default=[],
+                   help="NAME:key=value;key=value (config fields without --config.)")
+    p.add_argument("--no-reference", action="store_true", help="skip TF-IDF")
+    p.add_argument("--out", type=Path, required=True, help="directory for runs and results")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--quick", action="store_true", help="the tiny config, 4 steps, one seed")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.modes = str_list(args.modes, MODES)
+    try:
+        args.seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    args.recipes = [parse_recipe(r) for r in args.recipe] or [("config", ())]
+    return args
+
+
+def parse_recipe(text: str) -> tuple[str, tuple[str, ...]]:
+    name, _, body = text.partition(":")
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SystemExit(f"--recipe {text!r}: expected NAME:key=value;... with a plain NAME")
+    overrides = []
+    for item in filter(None, (x.strip() for x in body.split(";"))):
+        if "=" not in item:
+            raise SystemExit(f"--recipe {text!r}: {item!r} is not key=value")
+        overrides.append(f"--config.{item.removeprefix('--config.')}")
+    return name, tuple(overrides)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def run_config(args, run: Run, train_file: Path | None):
+    """The trainer's config of one run: the config file with the run's mode, seed and
+    recipe, the same budget and data for all, evaluated on the test split."""
+    from mtop_jax.config.loading import load_config
+
+    flags = [*run.overrides, f"--config.train.seed={run.seed}", f"--config.data.seed={run.seed}",
+             "--config.train.test_split=test", "--config.predict_examples=0"]
+    if args.steps:
+        flags.append(f"--config.train.steps={args.steps}")
+    if args.data:
+        flags.append(f"--config.data.path={args.data}")
+    config = load_config(f"{args.config}:mode={run.mode},seed={run.seed}", flags)
+    if train_file is not None:
+        config.data.splits = {**dict(config.data.get("splits") or {}), "train": str(train_file)}
+    return config
+
+
+def subsample_train(config, n: int | None, out: Path) -> Path | None:
+    """A file of ``n`` random training texts (seed 0), or None for all of them."""
+    from mtop_jax.data.local_files import split_file
+
+    if n is None:
+        return None
+    if config.data.get("source", "jsonl") != "jsonl":
+        raise SystemExit("--max-train: only for a jsonl data directory")
+    lines = split_file(config.data.to_dict(), "train").read_text().splitlines()
+    keep = sorted(random.Random(0).sample(range(len(lines)), min(n, len(lines))))
+    path = out / "data" / f"train-{len(keep)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines[i] + "\n" for i in keep))
+    return path
+
+
+def split_examples(config, split: str, tasks=None):
+    from mtop_jax.data.examples import ExampleSet
+    from mtop_jax.data.pipeline import load_examples
+
+    specs, sets = load_examples(config.data, split, tasks)
+    return specs, ExampleSet.concatenate(sets, name=split)
+
+
+# ---------------------------------------------------------------------------- TF-IDF
+
+
+def tfidf_reference(config) -> dict[str, float]:
+    """The TF-IDF + logistic regression / ridge reference, as the trainer's test metrics."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from mtop_jax.training.metrics import task_metrics
+
+    tasks, train = split_examples(config, "train")
+    _, valid = split_examples(config, config.train.eval_split or "validation", tasks)
+    _, test = split_examples(config, "test", tasks)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    x_train = vectorizer.fit_transform(train.texts)
+    x_valid, x_test = vectorizer.transform(valid.texts), vectorizer.transform(test.texts)
+    predictions, labels = {}, {}
+    for t, spec in enumerate(tasks):
+        y, yv = train.labels[:, t], valid.labels[:, t]
+        best = fit_best(spec.is_regression, x_train, y, x_valid, yv)
+        predictions[spec.name] = best.predict(x_test)
+        labels[spec.name] = (test.labels[:, t] if spec.is_regression else
+                             np.nan_to_num(test.labels[:, t], nan=-1).astype(int))
+    return task_metrics(tasks, predictions, labels)
+
+
+def fit_best(regression: bool, x, y, x_valid, y_valid):
+    """Ridge (alpha) or logistic regression (C) on the labelled rows, the value best on
+    the labelled validation rows."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    keep, keep_v = ~np.isnan(y), ~np.isnan(y_valid)
+    if regression:
+        grid = [Ridge(alpha=a) for a in (0.3, 1.0, 3.0)]
+        fitted = [m.fit(x[keep], y[keep]) for m in grid]
+        errors = [np.mean((m.predict(x_valid[keep_v]) - y_valid[keep_v]) ** 2) for m in fitted]
+        return fitted[int(np.argmin(errors))] if keep_v.any() else fitted[1]
+    classes = np.unique(y[keep]).astype(int)
+    if len(classes) < 2:  # one class among the training labels: predict it
+        return _Constant(int(classes[0]) if len(classes) else 0)
+    grid = [LogisticRegression(C=c, max_iter=1000) for c in (1.0, 10.0)]
+    fitted = [m.fit(x[keep], y[keep].astype(int)) for m in grid]
+    accuracy = [np.mean(m.predict(x_valid[keep_v]) == y_valid[keep_v]) for m in fitted]
+    return fitted[int(np.argmax(accuracy))] if keep_v.any() else fitted[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Constant:
+    value: int
+
+    def predict(self, x) -> np.ndarray:
+        return np.full(x.shape[0], self.value)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def task_rows(tasks) -> list[tuple[str, str, str]]:
+    """(task, metric key, shown name) of the tables."""
+    rows = []
+    for spec in tasks:
+        if spec.is_regression:
+            rows += [(spec.name, "r2", "R^2"), (spec.name, "spearman", "Spearman")]
+        else:
+            rows.append((spec.name, "accuracy", "acc"))
+    return rows
+
+
+def f3(x: float | None) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f3(mean)
+    return f"{f3(mean)} ± {f3(statistics.stdev(values))}"
+
+
+def columns(results: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    out: dict[str, list[dict[str, float]]] = {}
+    for r in results:
+        out.setdefault(f"{r['recipe']}/{r['mode']}", []).append(r["test"])
+    return out
+
+
+def mean_accuracy(metrics: dict[str, float], tasks) -> float:
+    values = [metrics[f"{t.name}/accuracy"] for t in tasks
+              if not t.is_regression and f"{t.name}/accuracy" in metrics]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def report(tasks, results, reference, key: str = "accuracy") -> str:
+    cols = columns(results)
+    headers = ["task", "test n", *cols, *(["TF-IDF"] if reference else [])]
+    first = next(iter(cols.values()))[0] if cols else (reference or {})
+    rows = []
+    for task, metric, shown in task_rows(tasks):
+        if metric != "accuracy" and key != "accuracy":
+            continue  # regression rows: in the accuracy table only
+        metric = metric if metric != "accuracy" else key
+        row = [f"{task} ({shown if metric != 'macro_f1' else 'macro-F1'})",
+               int(first.get(f"{task}/count", 0))]
+        row += [spread([m[f"{task}/{metric}"] for m in runs if f"{task}/{metric}" in m])
+                for runs in cols.values()]
+        if reference:
+            row.append(f3(reference.get(f"{task}/{metric}")))
+        rows.append(row)
+    if key == "accuracy":
+        row = ["mean accuracy (classification)", ""]
+        row += [spread([mean_accuracy(m, tasks) for m in runs]) for runs in cols.values()]
+        if reference:
+            row.append(f3(mean_accuracy(reference, tasks)))
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def plot(tasks, results, reference, path: Path) -> None:
+    plt = pyplot()
+    cols = columns(results)
+    names = [t.name for t in tasks if not t.is_regression] + ["mean"]
+    series = {label: [[m.get(f"{n}/accuracy", np.nan) if n != "mean" else
+                       mean_accuracy(m, tasks) for m in runs] for n in names]
+              for label, runs in cols.items()}
+    if reference:
+        series["TF-IDF"] = [[reference.get(f"{n}/accuracy", np.nan) if n != "mean" else
+                             mean_accuracy(reference, tasks)] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, per_task) in enumerate(series.items()):
+        means = [np.nanmean(v) for v in per_task]
+        errs = [np.nanstd(v) if len(v) > 1 else 0 for v in per_task]
+        ax.bar(np.arange(len(names)) + i * width, means, width, yerr=errs, label=label,
+               capsize=2)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("test accuracy, mean and spread over seeds")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from mtop_jax.training.loop import train
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [Run(name, overrides, mode, seed) for name, overrides in args.recipes
+            for mode in args.modes for seed in args.seeds]
+    base = run_config(args, runs[0], None)
+    train_file = subsample_train(base, args.max_train, args.out)
+    # Every config checked before anything trains.
+    configs = {run: run_config(args, run, train_file) for run in runs}
+    tasks, _ = split_examples(configs[runs[0]], "train")
+
+    results = []
+    for run in tqdm(runs, desc="quality runs", dynamic_ncols=True):
+        t0 = time.perf_counter()
+        metrics = train(configs[run], args.out / "runs" / run.name)
+        test = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+        results.append({"recipe": run.recipe, "overrides": list(run.overrides),
+                        "mode": run.mode, "seed": run.seed, "wall_s": time.perf_counter() - t0,
+                        "steps": int(configs[run].train.steps), "test": test})
+    reference = None if args.no_reference else tfidf_reference(configs[runs[0]])
+
+    text = "\n\n".join([
+        f"test split, {len(args.seeds)} seed(s), {results[0]['steps']} steps each; "
+        "mean ± standard deviation over seeds",
+        report(tasks, results, reference, "accuracy"),
+        report(tasks, results, reference, "macro_f1")])
+    print(text)
+    out = {**environment(argv), "config": args.config, "data": args.data,
+           "max_train": args.max_train, "tasks": [t.name for t in tasks],
+           "results": results, "tfidf": reference, "table": text}
+    write_json(args.out / "quality.json", out)
+    if not args.no_plot:
+        plot(tasks, results, reference, args.out / "quality.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()
