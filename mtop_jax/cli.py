@@ -291,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_closed_loops(unraisable) -> None:
-    """tensorstore's callbacks for reads that orbax abandoned after an error (a corrupt
-    checkpoint, a full disk) land on its closed event loop: that is noise, not news."""
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-            unraisable.exc_value):
+    """Reads that orbax abandoned after an error (a corrupt checkpoint, a full disk) end
+    as noise, not news: tensorstore's callbacks land on a closed event loop, and the
+    sibling coroutines, closed when collected, wrap that GeneratorExit in an error of
+    their own. The error that stopped the read is reported already."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return
+    if isinstance(exc.__cause__, GeneratorExit):
         return
     sys.__unraisablehook__(unraisable)
 

@@ -72,6 +72,44 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path, reference, child_env)
     assert "step 2 (" in last and "step 1 (" in last and "Traceback" not in out.stderr
 
 
+def test_abandoned_read_coroutines_stay_quiet_and_other_errors_do_not():
+    """After a failed restore, orbax's sibling read coroutines are closed when collected
+    and wrap that GeneratorExit in an error (the traceback that once followed the clear
+    error above, depending on when the collector ran): the CLI's hook drops exactly
+    those."""
+    script = textwrap.dedent("""
+        import gc, sys, types
+        from mtop_jax.cli import _quiet_closed_loops
+        sys.unraisablehook = _quiet_closed_loops
+
+        @types.coroutine
+        def pending_read():
+            yield
+
+        async def read_shard():
+            try:
+                await pending_read()
+            except GeneratorExit as e:
+                raise Exception("Encountered error while reading array index") from e
+
+        coroutine = read_shard()
+        coroutine.send(None)  # suspended in the read, then abandoned
+        del coroutine
+        gc.collect()
+
+        class Closer:
+            def __del__(self):
+                raise ValueError("a real bug in a finaliser")
+        Closer()
+        gc.collect()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "reading array index" not in out.stderr
+    assert "a real bug in a finaliser" in out.stderr
+
+
 # ---------------------------------------------------------------------------- disk full
 
 
