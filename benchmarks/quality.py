@@ -15,7 +15,10 @@ tables (accuracy and macro-F1 per task, R^2 and Spearman for regression; mean an
 spread over seeds), and writes ``quality.json`` and ``quality.png``.
 
 A recipe is a name and config overrides: ``--recipe lr1e-4:optim.learning_rate=1e-4``
-(repeatable; overrides joined by ``;``). Without one, the config as it is.
+(repeatable; overrides joined by ``;``). Without one, the config as it is. Overrides
+prefixed ``first.`` make it two runs (DESIGN.md section 5): a first run with those
+overrides (e.g. ``first.train.stage=prompts;first.train.steps=100``), then the run
+itself starting from it (``init.params_from``); the table's wall time is both.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Run:
     overrides: tuple[str, ...]
     mode: str
     seed: int
+    first: tuple[str, ...] = ()  # the overrides of a first stage, if any
 
     @property
     def name(self) -> str:
@@ -79,6 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "texts (the same for every run and the reference)")
     p.add_argument("--recipe", action="append", default=[],
                    help="NAME:key=value;key=value (config fields without --config.)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="the split of the tables and the plot: validation for ablations "
+                   "(recipes are chosen there, never on test); both are stored")
     p.add_argument("--no-reference", action="store_true", help="skip TF-IDF")
     p.add_argument("--out", type=Path, required=True, help="directory for runs and results")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -92,40 +99,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    args.recipes = [parse_recipe(r) for r in args.recipe] or [("config", ())]
+    args.recipes = [parse_recipe(r) for r in args.recipe] or [("config", (), ())]
     return args
 
 
-def parse_recipe(text: str) -> tuple[str, tuple[str, ...]]:
+def parse_recipe(text: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(name, overrides, overrides of a first stage) of ``NAME:key=value;...``."""
     name, _, body = text.partition(":")
     if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SystemExit(f"--recipe {text!r}: expected NAME:key=value;... with a plain NAME")
-    overrides = []
+    overrides, first = [], []
     for item in filter(None, (x.strip() for x in body.split(";"))):
         if "=" not in item:
             raise SystemExit(f"--recipe {text!r}: {item!r} is not key=value")
-        overrides.append(f"--config.{item.removeprefix('--config.')}")
-    return name, tuple(overrides)
+        item = item.removeprefix("--config.")
+        if item.startswith("first."):
+            first.append(f"--config.{item.removeprefix('first.')}")
+        else:
+            overrides.append(f"--config.{item}")
+    return name, tuple(overrides), tuple(first)
 
 
 # ---------------------------------------------------------------------------- data
 
 
-def run_config(args, run: Run, train_file: Path | None):
+def run_config(args, run: Run, train_file: Path | None, first: bool = False):
     """The trainer's config of one run: the config file with the run's mode, seed and
-    recipe, the same budget and data for all, evaluated on the test split."""
+    recipe, the same budget and data for all, evaluated on the test split. ``first``:
+    the config of its first stage (not tested; the run starts from it)."""
     from mtop_jax.config.loading import load_config
 
-    flags = [*run.overrides, f"--config.train.seed={run.seed}", f"--config.data.seed={run.seed}",
+    flags = [f"--config.train.seed={run.seed}", f"--config.data.seed={run.seed}",
              "--config.train.test_split=test", "--config.predict_examples=0"]
     if args.steps:
         flags.append(f"--config.train.steps={args.steps}")
     if args.data:
         flags.append(f"--config.data.path={args.data}")
+    if first:
+        flags += [*run.first, "--config.train.test_split="]
+    else:
+        flags += run.overrides
+        if run.first:
+            flags.append(f"--config.init.params_from={first_workdir(args, run)}")
     config = load_config(f"{args.config}:mode={run.mode},seed={run.seed}", flags)
     if train_file is not None:
         config.data.splits = {**dict(config.data.get("splits") or {}), "train": str(train_file)}
     return config
+
+
+def first_workdir(args, run: Run) -> Path:
+    return args.out / "runs" / f"{run.name}-first"
 
 
 def subsample_train(config, n: int | None, out: Path) -> Path | None:
@@ -138,7 +161,8 @@ def subsample_train(config, n: int | None, out: Path) -> Path | None:
         raise SystemExit("--max-train: only for a jsonl data directory")
     lines = split_file(config.data.to_dict(), "train").read_text().splitlines()
     keep = sorted(random.Random(0).sample(range(len(lines)), min(n, len(lines))))
-    path = out / "data" / f"train-{len(keep)}.jsonl"
+    # absolute: a relative path would be read relative to data.path
+    path = (out / "data" / f"train-{len(keep)}.jsonl").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(lines[i] + "\n" for i in keep))
     return path
@@ -155,8 +179,9 @@ def split_examples(config, split: str, tasks=None):
 # ---------------------------------------------------------------------------- TF-IDF
 
 
-def tfidf_reference(config) -> dict[str, float]:
-    """The TF-IDF + logistic regression / ridge reference, as the trainer's test metrics."""
+def tfidf_reference(config) -> dict[str, dict[str, float]]:
+    """The TF-IDF + logistic regression / ridge reference: the trainer's metrics on the
+    test and the validation split (where C / alpha was chosen, so optimistic there)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from mtop_jax.training.metrics import task_metrics
@@ -167,14 +192,19 @@ def tfidf_reference(config) -> dict[str, float]:
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
     x_train = vectorizer.fit_transform(train.texts)
     x_valid, x_test = vectorizer.transform(valid.texts), vectorizer.transform(test.texts)
-    predictions, labels = {}, {}
+    split_sets = {"test": (test, x_test), "validation": (valid, x_valid)}
+    predictions = {split: {} for split in split_sets}
+    labels = {split: {} for split in split_sets}
     for t, spec in enumerate(tasks):
         y, yv = train.labels[:, t], valid.labels[:, t]
         best = fit_best(spec.is_regression, x_train, y, x_valid, yv)
-        predictions[spec.name] = best.predict(x_test)
-        labels[spec.name] = (test.labels[:, t] if spec.is_regression else
-                             np.nan_to_num(test.labels[:, t], nan=-1).astype(int))
-    return task_metrics(tasks, predictions, labels)
+        for split, (examples, x) in split_sets.items():
+            predictions[split][spec.name] = best.predict(x)
+            labels[split][spec.name] = (
+                examples.labels[:, t] if spec.is_regression else
+                np.nan_to_num(examples.labels[:, t], nan=-1).astype(int))
+    return {split: task_metrics(tasks, predictions[split], labels[split])
+            for split in split_sets}
 
 
 def fit_best(regression: bool, x, y, x_valid, y_valid):
@@ -232,10 +262,10 @@ def spread(values: list[float]) -> str:
     return f"{f3(mean)} ± {f3(statistics.stdev(values))}"
 
 
-def columns(results: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+def columns(results: list[dict[str, Any]], split: str) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {}
     for r in results:
-        out.setdefault(f"{r['recipe']}/{r['mode']}", []).append(r["test"])
+        out.setdefault(f"{r['recipe']}/{r['mode']}", []).append(r[split])
     return out
 
 
@@ -245,9 +275,9 @@ def mean_accuracy(metrics: dict[str, float], tasks) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def report(tasks, results, reference, key: str = "accuracy") -> str:
-    cols = columns(results)
-    headers = ["task", "test n", *cols, *(["TF-IDF"] if reference else [])]
+def report(tasks, results, reference, key: str = "accuracy", split: str = "test") -> str:
+    cols = columns(results, split)
+    headers = ["task", f"{split} n", *cols, *(["TF-IDF"] if reference else [])]
     first = next(iter(cols.values()))[0] if cols else (reference or {})
     rows = []
     for task, metric, shown in task_rows(tasks):
@@ -270,9 +300,9 @@ def report(tasks, results, reference, key: str = "accuracy") -> str:
     return markdown_table(headers, rows)
 
 
-def plot(tasks, results, reference, path: Path) -> None:
+def plot(tasks, results, reference, path: Path, split: str = "test") -> None:
     plt = pyplot()
-    cols = columns(results)
+    cols = columns(results, split)
     names = [t.name for t in tasks if not t.is_regression] + ["mean"]
     series = {label: [[m.get(f"{n}/accuracy", np.nan) if n != "mean" else
                        mean_accuracy(m, tasks) for m in runs] for n in names]
@@ -288,10 +318,10 @@ def plot(tasks, results, reference, path: Path) -> None:
         ax.bar(np.arange(len(names)) + i * width, means, width, yerr=errs, label=label,
                capsize=2)
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{split} accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("test accuracy, mean and spread over seeds")
+    ax.set_title(f"{split} accuracy, mean and spread over seeds")
     save_figure(fig, path)
 
 
@@ -305,36 +335,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from mtop_jax.training.loop import train
 
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [Run(name, overrides, mode, seed) for name, overrides in args.recipes
+    runs = [Run(name, overrides, mode, seed, first) for name, overrides, first in args.recipes
             for mode in args.modes for seed in args.seeds]
     base = run_config(args, runs[0], None)
     train_file = subsample_train(base, args.max_train, args.out)
     # Every config checked before anything trains.
     configs = {run: run_config(args, run, train_file) for run in runs}
+    firsts = {run: run_config(args, run, train_file, first=True) for run in runs if run.first}
     tasks, _ = split_examples(configs[runs[0]], "train")
 
     results = []
     for run in tqdm(runs, desc="quality runs", dynamic_ncols=True):
         t0 = time.perf_counter()
+        if run.first and not train(firsts[run], first_workdir(args, run)):
+            raise SystemExit(f"quality: run {run.name}-first was interrupted (saved); run the "
+                             "same command again to resume it")
         metrics = train(configs[run], args.out / "runs" / run.name)
+        if not metrics:  # SIGTERM: the trainer saved and returned; so do we
+            raise SystemExit(f"quality: run {run.name} was interrupted (saved); run the same "
+                             "command again to resume it")
         test = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+        # The last evaluation: the validation split at the final step.
+        valid = {k: v for k, v in metrics.items() if not k.startswith("test/")}
         results.append({"recipe": run.recipe, "overrides": list(run.overrides),
+                        "first": list(run.first),
                         "mode": run.mode, "seed": run.seed, "wall_s": time.perf_counter() - t0,
-                        "steps": int(configs[run].train.steps), "test": test})
-    reference = None if args.no_reference else tfidf_reference(configs[runs[0]])
+                        "steps": int(configs[run].train.steps), "test": test,
+                        "validation": valid})
+    references = None if args.no_reference else tfidf_reference(configs[runs[0]])
+    reference = references[args.split] if references else None
 
     text = "\n\n".join([
-        f"test split, {len(args.seeds)} seed(s), {results[0]['steps']} steps each; "
-        "mean ± standard deviation over seeds",
-        report(tasks, results, reference, "accuracy"),
-        report(tasks, results, reference, "macro_f1")])
+        f"{args.split} split, {len(args.seeds)} seed(s), {results[0]['steps']} steps each; "
+        "mean ± standard deviation over seeds; wall time per run "
+        + ", ".join(f"{r['recipe']}/{r['mode']}/{r['seed']} {r['wall_s'] / 60:.1f} min"
+                    for r in results),
+        report(tasks, results, reference, "accuracy", args.split),
+        report(tasks, results, reference, "macro_f1", args.split)])
     print(text)
     out = {**environment(argv), "config": args.config, "data": args.data,
            "max_train": args.max_train, "tasks": [t.name for t in tasks],
-           "results": results, "tfidf": reference, "table": text}
+           "split": args.split, "results": results, "tfidf": references, "table": text}
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
-        plot(tasks, results, reference, args.out / "quality.png")
+        plot(tasks, results, reference, args.out / "quality.png", args.split)
     return out
 
 

@@ -104,17 +104,29 @@ def test_train_step_quick_gradient_weighting_costs_more(tmp_path):
 
 
 def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, capsys):
-    result = quality.main(["--quick", "--modes", "mtop", "--out", str(tmp_path)])
+    result = quality.main(["--quick", "--modes", "mtop", "--out", str(tmp_path),
+                           "--recipe", "config:", "--recipe",
+                           "two:first.train.stage=prompts;first.train.steps=2"])
     out = capsys.readouterr().out
     assert "| task" in out and "TF-IDF" in out and "mean accuracy" in out
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert sorted(saved["tasks"]) == ["implemented_in", "interface", "role", "section"]
-    (run,) = saved["results"]
+    run, two = saved["results"]
     assert (run["mode"], run["seed"], run["steps"]) == ("mtop", 0, 4)
-    for task in saved["tasks"]:  # the trainer's test metrics and the reference's, per task
-        assert 0 <= run["test"][f"{task}/accuracy"] <= 1
-        assert 0 <= saved["tfidf"][f"{task}/accuracy"] <= 1
-        assert run["test"][f"{task}/count"] == saved["tfidf"][f"{task}/count"] > 0
+    # a two-stage recipe: a prompts-stage run of 2 steps, then the run starting from it
+    assert two["recipe"] == "two" and two["first"] == ["--config.train.stage=prompts",
+                                                       "--config.train.steps=2"]
+    assert (tmp_path / "runs" / "two-mtop-seed0-first" / "checkpoints" / "2").is_dir()
+    second = json.loads((tmp_path / "runs" / "two-mtop-seed0" / "config.json").read_text())
+    assert second["init"]["params_from"] == str(tmp_path / "runs" / "two-mtop-seed0-first")
+    assert second["train"]["stage"] == "full" and second["train"]["steps"] == 4
+    assert "two/mtop" in out
+    for task in saved["tasks"]:  # the trainer's metrics and the reference's, per task
+        for split in ("test", "validation"):
+            assert 0 <= run[split][f"{task}/accuracy"] <= 1
+            assert 0 <= saved["tfidf"][split][f"{task}/accuracy"] <= 1
+            assert run[split][f"{task}/count"] == saved["tfidf"][split][f"{task}/count"] > 0
+    assert run["test"] != run["validation"]
     # the training subset: --max-train texts of the train split, the same for all
     assert len((tmp_path / "data" / "train-128.jsonl").read_text().splitlines()) == 128
     assert (tmp_path / "runs" / "config-mtop-seed0" / "checkpoints" / "4").is_dir()

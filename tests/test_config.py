@@ -50,6 +50,7 @@ def test_a_str_override_takes_the_raw_text():
     ("--config.optim.lr_mult.encoder=2.0", None),  # an unknown field: rejected at load
     ("--config.train.stage=adapters", "train.stage"),
     ("--config.train.steps=0", "train.steps"),
+    ("--config.train.task_loss=sum", "train.task_loss"),
     ("--config.weighting.method=nope", "weighting"),
     ("--config.encoder=random:huge", "config.encoder"),
     ("--config.mesh.data=3", "mesh"),

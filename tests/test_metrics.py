@@ -245,3 +245,38 @@ def test_task_without_labels_is_counted_zero_and_left_out_of_score():
         "cola/accuracy", "cola/macro_f1", "cola/f1", "cola/mcc", "score"}
     assert got["score"] == pytest.approx(matthews_corrcoef(y, p))
     assert task_metrics(TASKS[1:3], preds, labels)["score"] == 0.0  # no primary at all
+
+
+@pytest.mark.parametrize("normalize", ["labelled", "batch"])
+def test_task_losses_normalise_over_labelled_rows_or_the_batch(normalize):
+    """Cross-entropy and squared error summed over a task's labelled rows (padding
+    rows and missing labels skipped), over the labelled count or the batch's rows."""
+    import jax.numpy as jnp
+
+    from mtop_jax.training.losses import task_losses
+
+    rng = np.random.default_rng(0)
+    b, n, c = 6, 3, 4
+    logits = rng.normal(size=(b, n, c)).astype(np.float32)
+    labels = rng.integers(0, c, size=(b, n))
+    labels[[0, 2, 3], 0] = -1  # task 0: three labels; task 2: regression
+    labels[:, 1] = -1  # task 1: none
+    labels[:, 2] = 0
+    targets = rng.normal(size=(b, n)).astype(np.float32)
+    weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding
+    regression = np.array([False, False, True])
+    losses, present, counts = task_losses(jnp.asarray(logits), jnp.asarray(labels),
+                                          jnp.asarray(targets), jnp.asarray(weights),
+                                          jnp.asarray(regression), normalize)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    rows0 = [1, 4]  # labelled and not padding
+    ce = -sum(log_p[i, 0, labels[i, 0]] for i in rows0)
+    sq = sum((logits[i, 2, 0] - targets[i, 2]) ** 2 for i in range(5))
+    denominators = (len(rows0), 1, 5) if normalize == "labelled" else (5, 5, 5)
+    np.testing.assert_allclose(losses, [ce / denominators[0], 0.0, sq / denominators[2]],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(present, [True, False, True])
+    np.testing.assert_array_equal(counts, [2, 0, 5])
+    with pytest.raises(ValueError, match="normalize 'sum'"):
+        task_losses(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(targets),
+                    jnp.asarray(weights), jnp.asarray(regression), "sum")

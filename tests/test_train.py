@@ -26,13 +26,14 @@ def tiny_config(*overrides: str, arg: str = ""):
 
 
 def one_step(config, devices):
-    """Loss and parameters after one train step on a mesh over ``devices``."""
+    """Loss, parameters and step metrics after one train step on a mesh over ``devices``."""
     tokenizer = load_tokenizer(config)
     data = build_dataset(config.data, tokenizer, "train")
     run = setup(config, data.tasks, tokenizer, devices=devices)
     batch = to_global(next(data.train_iterator(seed=0)), run.data_sharding, BATCH_KEYS)
     state, metrics = run.train_step(run.state, batch)
-    return float(metrics["loss"]), jax.device_get(nnx.to_pure_dict(state.params))
+    return (float(metrics["loss"]), jax.device_get(nnx.to_pure_dict(state.params)),
+            jax.device_get(metrics))
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,27 @@ def one_device_step(devices):
 def test_one_step_equal_on_1_2_and_8_devices(mesh, devices, one_device_step):
     overrides = [f"--config.mesh.{k}={v}" for k, v in {"data": 1, "fsdp": 1, "tensor": 1,
                                                          **mesh}.items()]
-    loss_1, params_1 = one_device_step
+    loss_1, params_1, _ = one_device_step
     n = int(np.prod(list(mesh.values())))
-    loss_n, params_n = one_step(tiny_config(*overrides), devices[:n])
+    loss_n, params_n, _ = one_step(tiny_config(*overrides), devices[:n])
     assert loss_n == pytest.approx(loss_1, abs=1e-5)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_n), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_batch_task_loss_weighs_each_task_by_its_labelled_share(devices, one_device_step):
+    """``train.task_loss=batch``: each task's loss is the labelled mean scaled by its
+    labelled rows / the batch's rows (the tiny config's tasks are sparse), in the losses
+    the step differentiates."""
+    _, _, labelled = one_device_step
+    _, _, batch = one_step(tiny_config("--config.mesh.data=1",
+                                              "--config.train.task_loss=batch"), devices[:1])
+    counts = labelled["counts"]
+    assert len(set(counts[counts > 0])) > 1  # sparse: the two normalisations differ
+    np.testing.assert_array_equal(batch["counts"], counts)
+    rows = 16  # the tiny config's batch size; a training batch has no padding rows
+    np.testing.assert_allclose(batch["task_losses"], labelled["task_losses"] * counts / rows,
+                               rtol=1e-5)
 
 
 #: One uninterrupted run that three tests read: the loss falls over it, a run stopped
@@ -77,6 +93,12 @@ def test_resume_equals_uninterrupted(tmp_path, devices, straight):
                  stop_at=15) == {}
     resumed = train(tiny_config(*STRAIGHT), tmp_path / "resumed", devices=devices[:2])
     assert resumed == metrics  # the same eval metrics at step 30
+    # A finished workdir run again trains nothing and returns the same final metrics,
+    # without writing its evaluation again.
+    records = (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    assert train(tiny_config(*STRAIGHT), tmp_path / "resumed", devices=devices[:2]) == metrics
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text().count('"eval"') == (
+        records.count('"eval"'))
     a, b = read_params(workdir), read_params(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
@@ -209,7 +231,8 @@ def test_tasks_from_copies_one_tasks_parameters(devices, straight):
                               donor[("encoder", "pooler", "dense", "kernel")])
 
 
-@pytest.mark.parametrize("name", ["debian_packages", "debian_packages_dev", "glue", "toxicity",
+@pytest.mark.parametrize("name", ["debian_packages", "debian_packages_dev",
+                                  "debian_packages_dev_classification", "glue", "toxicity",
                                   "tiny"])
 def test_every_config_file_loads_and_is_valid(name):
     from mtop_jax.config.defaults import check_config

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
         best_metric="score",  # an eval metric name; "score" is the tasks' average
         async_checkpointing=True,
         max_nonfinite_steps=3,  # stop after this many non-finite losses in a row
+        # A task's loss: "labelled", the mean over its labelled rows of the batch (each
+        # task weighs the same); "batch", their sum over the batch's rows (a sparse
+        # task weighs by its share of labels). mtop_jax.training.losses.
+        task_loss="labelled",
     ))
 
     c.init = ml_collections.ConfigDict(dict(

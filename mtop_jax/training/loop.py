@@ -218,6 +218,11 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
     checkpoints.wait()
 
     # ------------------------------------------------------------------ final
+    if last_eval is None and eval_set is not None:
+        # A finished workdir run again: its final validation metrics, as a run returns
+        # them (already on record in metrics.jsonl, so not written again).
+        last_eval, _ = evaluate(run.eval_step, state.params, state.rest, eval_set,
+                                run.data_sharding, desc="eval")
     results = dict(last_eval or {})
     if test_set is not None:
         test = run_eval(test_set, step, "test")

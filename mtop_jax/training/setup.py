@@ -24,6 +24,7 @@ from mtop_jax.models.multitask import ModelConfig
 from mtop_jax.models.spec import ModelSpec
 from mtop_jax.parallel.sharding import batch_sharding, data_parallel_ways, make_mesh
 from mtop_jax.training import optim
+from mtop_jax.training.losses import NORMALIZE
 from mtop_jax.training.state import TrainState, create_model, create_state, split_model
 from mtop_jax.training.steps import jit_eval_step, jit_train_step, weighting_optimizer
 from mtop_jax.weighting import GradWeighting, LossWeighting, make_weighting
@@ -105,6 +106,9 @@ def check_before_data(config: ml_collections.ConfigDict, devices=None) -> None:
     if num_tasks is None:  # tasks known only once the data is read: the method's own checks
         num_tasks = len(config.weighting.weights) if config.weighting.weights else 2
     build_weighting(config.weighting, num_tasks)
+    if config.train.task_loss not in NORMALIZE:
+        raise ConfigError(f"train.task_loss: expected one of {list(NORMALIZE)}, got "
+                          f"{config.train.task_loss!r}")
     random_preset(config.encoder)
     checked_mesh(config, devices)
 
@@ -179,7 +183,7 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     state, state_shardings = create_state(model, tx, weighting_state, mesh, rules)
     train_step = jit_train_step(train_graphdef, tx, weighting, spec.regression, weighting_tx,
                                 seed=tcfg.seed, state_shardings=state_shardings,
-                                data_sharding=data_sharding)
+                                data_sharding=data_sharding, task_loss=tcfg.task_loss)
     eval_step = jit_eval_step(eval_graphdef, spec.regression,
                               param_shardings=state_shardings.params,
                               rest_shardings=state_shardings.rest, data_sharding=data_sharding)

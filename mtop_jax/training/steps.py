@@ -51,9 +51,10 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     weighting: LossWeighting | GradWeighting, regression,
                     weighting_tx: optax.GradientTransformation | None = None, *,
-                    seed: int = 0):
+                    seed: int = 0, task_loss: str = "labelled"):
     """The pure train step; ``seed`` (``train.seed``) keys a method's randomness
-    (PCGrad's projection order), folded with the step number."""
+    (PCGrad's projection order), folded with the step number; ``task_loss``
+    (``train.task_loss``) normalises each task's loss (``losses.task_losses``)."""
     regression = jnp.asarray(regression)
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
     base_key = jax.random.key(seed)
@@ -65,7 +66,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         logits = model.logits(batch["input_ids"], batch["attention_mask"],
                               batch["token_type_ids"])
         losses, present, counts = task_losses(logits, batch["labels"], batch["targets"],
-                                              batch["weights"], regression)
+                                              batch["weights"], regression, task_loss)
         return losses, (present, counts, nnx.state(model, nnx.Not(nnx.Param)))
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -144,11 +145,11 @@ def make_eval_step(graphdef: nnx.GraphDef, regression):
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    weighting: LossWeighting | GradWeighting, regression,
                    weighting_tx: optax.GradientTransformation, *, seed: int,
-                   state_shardings, data_sharding: NamedSharding):
+                   state_shardings, data_sharding: NamedSharding, task_loss: str = "labelled"):
     """``(state, batch) -> (state, metrics)`` jitted with the state's and the batch's
     shardings; the state is donated (updated in place)."""
     return jax.jit(make_train_step(graphdef, tx, weighting, regression, weighting_tx,
-                                   seed=seed),
+                                   seed=seed, task_loss=task_loss),
                    in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
