@@ -147,6 +147,15 @@ def run_config(args, run: Run, train_file: Path | None, first: bool = False):
     return config
 
 
+def train_or_stop(train, config, workdir: Path) -> dict[str, float]:
+    """``train`` in ``workdir``; on SIGTERM the trainer saves and returns {}: so do we."""
+    metrics = train(config, workdir)
+    if not metrics:
+        raise SystemExit(f"quality: run {workdir.name} was interrupted (saved); run the same "
+                         "command again to resume it")
+    return metrics
+
+
 def first_workdir(args, run: Run) -> Path:
     return args.out / "runs" / f"{run.name}-first"
 
@@ -347,13 +356,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = []
     for run in tqdm(runs, desc="quality runs", dynamic_ncols=True):
         t0 = time.perf_counter()
-        if run.first and not train(firsts[run], first_workdir(args, run)):
-            raise SystemExit(f"quality: run {run.name}-first was interrupted (saved); run the "
-                             "same command again to resume it")
-        metrics = train(configs[run], args.out / "runs" / run.name)
-        if not metrics:  # SIGTERM: the trainer saved and returned; so do we
-            raise SystemExit(f"quality: run {run.name} was interrupted (saved); run the same "
-                             "command again to resume it")
+        if run.first:
+            train_or_stop(train, firsts[run], first_workdir(args, run))
+        metrics = train_or_stop(train, configs[run], args.out / "runs" / run.name)
         test = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
         # The last evaluation: the validation split at the final step.
         valid = {k: v for k, v in metrics.items() if not k.startswith("test/")}

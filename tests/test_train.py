@@ -62,12 +62,12 @@ def test_batch_task_loss_weighs_each_task_by_its_labelled_share(devices, one_dev
     labelled rows / the batch's rows (the tiny config's tasks are sparse), in the losses
     the step differentiates."""
     _, _, labelled = one_device_step
-    _, _, batch = one_step(tiny_config("--config.mesh.data=1",
-                                              "--config.train.task_loss=batch"), devices[:1])
+    config = tiny_config("--config.mesh.data=1", "--config.train.task_loss=batch")
+    _, _, batch = one_step(config, devices[:1])
     counts = labelled["counts"]
     assert len(set(counts[counts > 0])) > 1  # sparse: the two normalisations differ
     np.testing.assert_array_equal(batch["counts"], counts)
-    rows = 16  # the tiny config's batch size; a training batch has no padding rows
+    rows = config.data.batch_size  # a training batch has no padding rows
     np.testing.assert_allclose(batch["task_losses"], labelled["task_losses"] * counts / rows,
                                rtol=1e-5)
 
