@@ -12,7 +12,9 @@ word 1-2 grams with a logistic regression per classification task and a ridge
 regression per regression task (scikit-learn, the ``bench`` extra), fitted on the
 same training texts, its C / alpha chosen on the validation split. Prints Markdown
 tables (accuracy and macro-F1 per task, R^2 and Spearman for regression; mean and
-spread over seeds), and writes ``quality.json`` and ``quality.png``.
+spread over seeds), the targets of issue 15 for every recipe's ``mtop`` as
+``TARGET ... PASS|MISS`` lines (``target_checks``), and writes ``quality.json`` and
+``quality.png``.
 
 A recipe is a name and config overrides: ``--recipe lr1e-4:optim.learning_rate=1e-4``
 (repeatable; overrides joined by ``;``). Without one, the config as it is. Overrides
@@ -309,6 +311,50 @@ def report(tasks, results, reference, key: str = "accuracy", split: str = "test"
     return markdown_table(headers, rows)
 
 
+def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]:
+    """Issue 15's targets for every recipe's ``mtop`` (means over seeds): against its
+    ``shared`` and ``single`` runs, the TF-IDF mean, each task with >= 200 labelled
+    texts, and each regression task's Spearman. Lines print PASS or MISS."""
+    cols = columns(results, split)
+    mean_of = lambda runs: float(np.mean([mean_accuracy(m, tasks) for m in runs]))
+    task_mean = lambda runs, key: float(np.mean([m[key] for m in runs if key in m]))
+    checks = []
+
+    def check(recipe, what, got, threshold):
+        checks.append({"recipe": recipe, "target": what, "value": got, "threshold": threshold,
+                       "pass": bool(got >= threshold)})
+
+    for label, runs in cols.items():
+        recipe, mode = label.rsplit("/", 1)
+        if mode != "mtop":
+            continue
+        mtop = mean_of(runs)
+        for other, margin, what in (("shared", 0.005, "mean acc >= shared + 0.5"),
+                                    ("single", -0.005, "mean acc >= single - 0.5")):
+            if f"{recipe}/{other}" in cols:
+                check(recipe, what, mtop, mean_of(cols[f"{recipe}/{other}"]) + margin)
+        if not reference:
+            continue
+        check(recipe, "mean acc >= TF-IDF + 2", mtop, mean_accuracy(reference, tasks) + 0.02)
+        for t in tasks:
+            if t.is_regression:
+                key = f"{t.name}/spearman"
+                if key in reference:
+                    check(recipe, f"{t.name} Spearman > TF-IDF ridge's", task_mean(runs, key),
+                          reference[key] + 1e-9)
+            elif reference.get(f"{t.name}/count", 0) >= 200:
+                key = f"{t.name}/accuracy"
+                check(recipe, f"{t.name} acc >= TF-IDF - 0.5", task_mean(runs, key),
+                      reference[key] - 0.005)
+    return checks
+
+
+def format_checks(checks: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"TARGET {c['recipe']}/mtop {c['target']}: {c['value']:.3f} vs {c['threshold']:.3f}"
+        f" -> {'PASS' if c['pass'] else 'MISS'}" for c in checks)
+
+
 def plot(tasks, results, reference, path: Path, split: str = "test") -> None:
     plt = pyplot()
     cols = columns(results, split)
@@ -377,10 +423,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     for r in results),
         report(tasks, results, reference, "accuracy", args.split),
         report(tasks, results, reference, "macro_f1", args.split)])
+    checks = target_checks(tasks, results, reference, args.split)
+    if checks:
+        text += "\n\n" + format_checks(checks)
     print(text)
     out = {**environment(argv), "config": args.config, "data": args.data,
            "max_train": args.max_train, "tasks": [t.name for t in tasks],
-           "split": args.split, "results": results, "tfidf": references, "table": text}
+           "split": args.split, "results": results, "tfidf": references, "table": text,
+           "targets": checks}
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
         plot(tasks, results, reference, args.out / "quality.png", args.split)

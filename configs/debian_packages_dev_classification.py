@@ -1,8 +1,9 @@
 """``debian_packages_dev.py`` without its regression task: the ten classification tasks.
 
-Until regression targets are standardised (issue 15), the size task's squared error
-dominates the summed loss; this config measures the loss rule and the recipe on the
-other ten tasks alone (benchmarks/README.md, the ablation):
+Before regression targets were standardised (issue 15), the size task's squared error
+dominated the summed loss; this config measured the loss rule and the recipe on the
+other ten tasks alone, and still tells what the size task costs them
+(benchmarks/README.md, the ablation):
 
     python benchmarks/quality.py --config configs/debian_packages_dev_classification.py \\
         --modes mtop --seeds 0 --max-train 8000 --steps 250 --split validation \\

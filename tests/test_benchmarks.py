@@ -132,3 +132,32 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     assert (tmp_path / "runs" / "config-mtop-seed0" / "checkpoints" / "4").is_dir()
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert result["results"][0]["test"] == run["test"]
+
+
+def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
+    """mtop's mean over seeds against shared + 0.5 points, single - 0.5, TF-IDF + 2 on the
+    mean, TF-IDF - 0.5 on tasks with >= 200 labelled texts, and ridge's Spearman."""
+    from mtop_jax.data.tasks import TaskSpec
+
+    tasks = (TaskSpec("big", labels=("a", "b")), TaskSpec("small", labels=("a", "b")),
+             TaskSpec("size", "regression"))
+
+    def run(mode, seed, big, small, rho):
+        return {"recipe": "r", "mode": mode, "seed": seed,
+                "test": {"big/accuracy": big, "small/accuracy": small, "size/spearman": rho}}
+
+    results = [run("mtop", 0, 0.80, 0.70, 0.70), run("mtop", 1, 0.82, 0.74, 0.66),
+               run("shared", 0, 0.80, 0.70, 0.5), run("single", 0, 0.82, 0.73, 0.5)]
+    reference = {"big/accuracy": 0.812, "big/count": 500, "small/accuracy": 0.9,
+                 "small/count": 40, "size/spearman": 0.69}
+    checks = quality.target_checks(tasks, results, reference, "test")
+    got = {c["target"]: (round(c["value"], 4), round(c["threshold"], 4), c["pass"])
+           for c in checks}
+    assert got == {  # mtop mean 0.765; small (40 texts) is not checked against TF-IDF
+        "mean acc >= shared + 0.5": (0.765, 0.755, True),
+        "mean acc >= single - 0.5": (0.765, 0.77, False),
+        "mean acc >= TF-IDF + 2": (0.765, 0.876, False),
+        "big acc >= TF-IDF - 0.5": (0.81, 0.807, True),
+        "size Spearman > TF-IDF ridge's": (0.68, 0.69, False)}
+    assert "TARGET r/mtop big acc >= TF-IDF - 0.5: 0.810 vs 0.807 -> PASS" in (
+        quality.format_checks(checks))

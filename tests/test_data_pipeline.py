@@ -138,6 +138,20 @@ def test_heterogeneous_sources_label_their_own_tasks_only(tok, two_sources):
     assert it.probabilities() == {"reviews": 0.5, "pairs": 0.5}
 
 
+def test_regression_targets_standardised_by_the_train_split(tok, two_sources):
+    """The train split's regression task carries its labelled targets' mean and sd
+    (the other source's rows, unlabelled, are left out); batches keep raw targets (the
+    loss standardises); a validation split built with these specs keeps them."""
+    data = build_dataset(two_sources, tok, "train")
+    similarity = data.tasks[2]
+    raw = np.arange(90) / 30 * 5  # the fixture: i / n * 5 for 3n rows
+    assert similarity.target_mean == pytest.approx(raw.mean())
+    assert similarity.target_std == pytest.approx(raw.std())
+    assert (data.tasks[0].target_mean, data.tasks[0].target_std) == (0.0, 1.0)
+    assert similarity.value(1.0) == pytest.approx(raw.mean() + raw.std())
+    assert build_dataset(two_sources, tok, "validation", tasks=data.tasks).tasks == data.tasks
+
+
 def test_dynamic_mixing_through_the_iterator(tok, two_sources):
     data = build_dataset({**two_sources, "mixing": "dynamic"}, tok, "train")
     it = data.train_iterator(process_index=0, process_count=1)

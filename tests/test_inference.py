@@ -280,3 +280,19 @@ def test_clear_errors_for_wrong_paths_versions_and_tasks(workdir, predictor, tmp
     assert main(["remove-task", "--model", str(workdir), "--task", "nope",
                  "--out", str(tmp_path / "x")]) == 2
     assert "unknown tasks ['nope']" in capsys.readouterr().err
+
+
+def test_predictions_of_a_regression_task_are_in_its_target_units():
+    """The head predicts standardised units; ``predict`` answers output * sd + mean."""
+    from types import SimpleNamespace
+
+    from mtop_jax.data.tasks import TaskSpec
+    from mtop_jax.serving.predictor import Predictor
+
+    spec = SimpleNamespace(tasks=(TaskSpec("size", "regression", target_mean=8.0,
+                                           target_std=3.0),
+                                  TaskSpec("kind", labels=("a", "b"))))
+    logits = np.array([[[0.5, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [2.0, 0.0]]], np.float32)
+    out = Predictor.format(SimpleNamespace(spec=spec), logits)
+    assert [o["size"]["value"] for o in out] == [9.5, 5.0]
+    assert [o["kind"]["label"] for o in out] == ["b", "a"]

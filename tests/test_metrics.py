@@ -247,10 +247,11 @@ def test_task_without_labels_is_counted_zero_and_left_out_of_score():
     assert task_metrics(TASKS[1:3], preds, labels)["score"] == 0.0  # no primary at all
 
 
-@pytest.mark.parametrize("normalize", ["labelled", "batch"])
+@pytest.mark.parametrize("normalize", ["labelled", "batch", "sqrt"])
 def test_task_losses_normalise_over_labelled_rows_or_the_batch(normalize):
-    """Cross-entropy and squared error summed over a task's labelled rows (padding
-    rows and missing labels skipped), over the labelled count or the batch's rows."""
+    """Cross-entropy and squared error (of standardised targets) summed over a task's
+    labelled rows (padding rows and missing labels skipped), over the labelled count,
+    the batch's rows, or the geometric mean of the two."""
     import jax.numpy as jnp
 
     from mtop_jax.training.losses import task_losses
@@ -262,17 +263,20 @@ def test_task_losses_normalise_over_labelled_rows_or_the_batch(normalize):
     labels[[0, 2, 3], 0] = -1  # task 0: three labels; task 2: regression
     labels[:, 1] = -1  # task 1: none
     labels[:, 2] = 0
-    targets = rng.normal(size=(b, n)).astype(np.float32)
+    targets = rng.normal(8.0, 3.0, size=(b, n)).astype(np.float32)
     weights = np.array([1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding
     regression = np.array([False, False, True])
+    mean, std = np.array([0, 0, 8.5], np.float32), np.array([1, 1, 2.5], np.float32)
     losses, present, counts = task_losses(jnp.asarray(logits), jnp.asarray(labels),
                                           jnp.asarray(targets), jnp.asarray(weights),
-                                          jnp.asarray(regression), normalize)
+                                          jnp.asarray(regression), normalize,
+                                          jnp.asarray(mean), jnp.asarray(std))
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     rows0 = [1, 4]  # labelled and not padding
     ce = -sum(log_p[i, 0, labels[i, 0]] for i in rows0)
-    sq = sum((logits[i, 2, 0] - targets[i, 2]) ** 2 for i in range(5))
-    denominators = (len(rows0), 1, 5) if normalize == "labelled" else (5, 5, 5)
+    sq = sum((logits[i, 2, 0] - (targets[i, 2] - 8.5) / 2.5) ** 2 for i in range(5))
+    denominators = {"labelled": (len(rows0), 1, 5), "batch": (5, 5, 5),
+                    "sqrt": (np.sqrt(2 * 5), 1, 5)}[normalize]
     np.testing.assert_allclose(losses, [ce / denominators[0], 0.0, sq / denominators[2]],
                                rtol=1e-5)
     np.testing.assert_array_equal(present, [True, False, True])

@@ -321,3 +321,26 @@ def test_params_per_task_counts_what_one_more_task_adds():
     h, p = TINY.hidden_size, 4
     model = abstract_model(2, num_prompts=p)  # tasks of 2 and 3 classes: heads padded to 3
     assert params_per_task(model) == p * h + h + (h * 3 + 3)  # prompts, query, head
+
+
+def test_prompts_started_from_cls_enter_layer_0_as_the_cls_token_does():
+    """``init.prompts=cls``: with the random part zeroed, every task's every prompt
+    enters layer 0 exactly as the input's [CLS] at position 0 does; with it, the slots
+    and tasks stay apart (else they would get identical gradients)."""
+    model = make_model(3, num_prompts=2)
+    cls_id = 101
+    ids = jnp.array([[cls_id, 7, 8]])
+    cls_state = model.encoder.embeddings(ids)[0, 0]
+    before = model.prompts.embedding[...]
+    model.prompts.start_from_token(model.encoder.embeddings, cls_id)
+    states = model.prompts.initial_states(model.encoder.embeddings)  # [N, P, H]
+    assert float(jnp.abs(states - cls_state).max()) > 1e-2  # the random part is kept
+    assert float(jnp.abs(states[0, 0] - states[0, 1]).max()) > 1e-2
+    np.testing.assert_allclose(model.prompts.embedding[...] - before,
+                               jnp.broadcast_to(model.prompts.embedding[...][0, 0] - before[0, 0],
+                                                before.shape), atol=1e-6)
+    model.prompts.embedding[...] = jnp.zeros_like(before)
+    model.prompts.slot_position[...] = jnp.zeros_like(model.prompts.slot_position[...])
+    model.prompts.start_from_token(model.encoder.embeddings, cls_id)
+    states = model.prompts.initial_states(model.encoder.embeddings)
+    np.testing.assert_allclose(states, jnp.broadcast_to(cls_state, states.shape), atol=1e-5)

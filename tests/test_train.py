@@ -200,6 +200,40 @@ def test_config_overrides_and_their_errors():
     with pytest.raises(ConfigError, match="unrecognised argument"):
         load_config(TINY, ["--steps=3"])
     assert tiny_config(arg="prefix").model.mode == "prefix"
+    with pytest.raises(ConfigError, match="init.prompts: expected one of"):
+        check_before_data(tiny_config("--config.init.prompts=vocab"))
+    with pytest.raises(ConfigError, match="train.task_loss: expected one of"):
+        check_before_data(tiny_config("--config.train.task_loss=mean"))
+
+
+def test_eval_step_maps_regression_outputs_to_target_units():
+    """A regression head predicts standardised units: the eval step's prediction is
+    output * std + mean, its loss the standardised squared error; classification
+    tasks are untouched."""
+    import jax.numpy as jnp
+
+    from mtop_jax.models.config import PRESETS
+    from mtop_jax.models.multitask import ModelConfig, MultiTaskModel
+    from mtop_jax.training.steps import make_eval_step
+
+    model = MultiTaskModel(PRESETS["tiny"], ModelConfig(mode="shared"), [("c", 3), ("r", 1)],
+                           rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.array([[101, 7, 8, 102], [101, 9, 102, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(jnp.int32),
+             "token_type_ids": jnp.zeros_like(ids), "labels": jnp.array([[1, 0], [2, 0]]),
+             "targets": jnp.array([[0.0, 10.0], [0.0, 4.0]]), "weights": jnp.ones(2),
+             "index": jnp.arange(2)}
+    mean, std = np.array([0.0, 8.0], np.float32), np.array([1.0, 2.0], np.float32)
+    out = make_eval_step(graphdef, np.array([False, True]), (mean, std))(params, rest, batch)
+    logits = np.asarray(model.logits(ids, batch["attention_mask"]))
+    np.testing.assert_allclose(out["predictions"][:, 1], logits[:, 1, 0] * 2.0 + 8.0,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(out["predictions"][:, 0], logits[:, 0, :3].argmax(-1))
+    z = np.array([1.0, -2.0])  # (target - mean) / std
+    np.testing.assert_allclose(out["loss_sums"][1], np.sum((logits[:, 1, 0] - z) ** 2),
+                               rtol=1e-5)
 
 
 def test_bad_mesh_is_rejected_before_compiling(devices):

@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict(dict(
         params_from="",  # a workdir: start every parameter from its latest checkpoint
         tasks_from=ml_collections.ConfigDict(),  # task -> workdir trained on it alone
+        # mtop's prompts start "random" (normal 0.02), or as the "cls" token plus that
+        # noise (mtop_jax.models.prompts.TaskPrompts.start_from_token).
+        prompts="random",
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -87,8 +87,11 @@ def load_examples(config: Any, split: str, tasks: Sequence[TaskSpec] | None = No
         else:
             raise ConfigError(f"data.source: expected one of {SOURCES}, got {kind!r}")
         sets.extend(s.take(source.get("max_examples")) for s in found)
-    if tasks is None:
-        specs = merge_task_specs(s.tasks for s in sets)
+    if tasks is None:  # the training split: its label sets, and its regression targets'
+        specs = merge_task_specs(s.tasks for s in sets)  # mean and sd (tasks.TaskSpec)
+        targets = np.concatenate([s.align(specs).labels for s in sets]) if sets else None
+        specs = tuple(t.standardized(targets[:, j]) if t.is_regression else t
+                      for j, t in enumerate(specs))
     else:
         specs = tuple(tasks)
         names = {t.name for t in specs}

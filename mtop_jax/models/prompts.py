@@ -22,6 +22,9 @@ from flax import nnx
 from mtop_jax.models.axes import EMBED, HEADS, LAYERS, MLP, PROMPTS, TASKS, param_init
 from mtop_jax.models.config import EncoderConfig
 
+#: How mtop's prompts start (``init.prompts``): normal(0.02), or a token plus that noise.
+PROMPT_INITS = ("random", "cls")
+
 
 class TaskPrompts(nnx.Module):
     def __init__(self, cfg: EncoderConfig, num_tasks: int, num_prompts: int, deep: bool, *,
@@ -36,6 +39,21 @@ class TaskPrompts(nnx.Module):
         self.deep_offset = nnx.Param(param_init(nnx.initializers.zeros_init(), TASKS, LAYERS,
                                                 PROMPTS, EMBED)(
             rngs.params(), (num_tasks, cfg.num_layers, num_prompts, h))) if deep else None
+
+    def start_from_token(self, embeddings: nnx.Module, token_id: int) -> None:
+        """Every prompt starts as the token ``token_id`` at position 0 (type 0) plus its
+        random init (which keeps the slots and tasks apart): with the [CLS] id, each
+        task's prompts begin by reading the text as the pretrained [CLS] does, where
+        random vectors begin outside anything the encoder was trained on
+        (``init.prompts="cls"``; Lester et al. 2021 start from vocabulary embeddings)."""
+        token = embeddings.word_embeddings.embedding[token_id]
+        if embeddings.token_type_embeddings is not None:
+            token = token + embeddings.token_type_embeddings.embedding[0]
+        position = embeddings.position_embeddings.embedding[embeddings.position_ids(
+            jnp.full((1, 1), token_id))[0, 0]]
+        for var, add in ((self.embedding, token), (self.slot_position, position)):
+            old = var.get_value()
+            var.set_value(jax.device_put(old + add.astype(old.dtype), old.sharding))
 
     def initial_states(self, embeddings: nnx.Module) -> jax.Array:
         """[N, P, H] prompt states entering layer 0: the encoder's embedding

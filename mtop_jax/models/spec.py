@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtop_jax.data.tasks import TaskSpec
+from mtop_jax.data.tasks import TaskSpec, output_scales
 from mtop_jax.errors import MtopError
 from mtop_jax.models.config import EncoderConfig
 from mtop_jax.models.multitask import ModelConfig, MultiTaskModel
@@ -42,6 +42,12 @@ class ModelSpec:
     def regression(self) -> np.ndarray:
         """bool [N]: which tasks are regression tasks."""
         return np.array([t.is_regression for t in self.tasks])
+
+    @property
+    def output_scales(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target_mean [N], target_std [N]): a regression head's output * std + mean is
+        its prediction (``TaskSpec.value``)."""
+        return output_scales(self.tasks)
 
     def to_json(self) -> str:
         return json.dumps({

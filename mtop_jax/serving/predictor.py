@@ -257,7 +257,7 @@ class Predictor:
             out: dict[str, dict[str, Any]] = {}
             for t, task in enumerate(self.spec.tasks):
                 if task.is_regression:
-                    out[task.name] = {"value": float(row[t, 0])}
+                    out[task.name] = {"value": float(task.value(row[t, 0]))}
                     continue
                 z = row[t, :task.num_classes].astype(np.float64)
                 p = np.exp(z - z.max())

@@ -85,7 +85,7 @@ def demo_predictions(graphdef, params, rest, spec: ModelSpec, tokenizer, dataset
         print(f"  {first[:70]!r}")
         for t, task in enumerate(spec.tasks):
             if task.is_regression:
-                print(f"    {task.name:<16} {logits[i, t, 0]:.3f}")
+                print(f"    {task.name:<16} {task.value(logits[i, t, 0]):.3f}")
                 continue
             row = logits[i, t, :task.num_classes]
             p = np.exp(row - row.max())
@@ -124,7 +124,8 @@ def evaluate_workdir(workdir: str | Path, split: str = "validation",
         checkpoints.close()
     rest = jax.device_put(placeholder_rest(abstract_rest), rest_sh)
     eval_step = jit_eval_step(graphdef, spec.regression, param_shardings=param_sh,
-                              rest_shardings=rest_sh, data_sharding=data_sharding)
+                              rest_shardings=rest_sh, data_sharding=data_sharding,
+                              output_scales=spec.output_scales)
     dataset = build_dataset(config.data, tokenizer, split, tasks=spec.tasks)
     metrics, _ = evaluate(eval_step, params, rest, dataset, data_sharding, desc=split)
     if jax.process_index() == 0:

@@ -21,6 +21,7 @@ from mtop_jax.files import as_path
 from mtop_jax.models import pretrained
 from mtop_jax.models.config import PRESETS, EncoderConfig
 from mtop_jax.models.multitask import ModelConfig
+from mtop_jax.models.prompts import PROMPT_INITS
 from mtop_jax.models.spec import ModelSpec
 from mtop_jax.parallel.sharding import batch_sharding, data_parallel_ways, make_mesh
 from mtop_jax.training import optim
@@ -106,6 +107,9 @@ def check_before_data(config: ml_collections.ConfigDict, devices=None) -> None:
     if num_tasks is None:  # tasks known only once the data is read: the method's own checks
         num_tasks = len(config.weighting.weights) if config.weighting.weights else 2
     build_weighting(config.weighting, num_tasks)
+    if config.init.prompts not in PROMPT_INITS:
+        raise ConfigError(f"init.prompts: expected one of {list(PROMPT_INITS)}, got "
+                          f"{config.init.prompts!r}")
     if config.train.task_loss not in NORMALIZE:
         raise ConfigError(f"train.task_loss: expected one of {list(NORMALIZE)}, got "
                           f"{config.train.task_loss!r}")
@@ -147,10 +151,13 @@ def resolve_encoder(config: Any, tokenizer: Any) -> tuple[EncoderConfig, dict | 
                                           source=str(model_dir))
 
 
-def init_from(config: Any, spec: ModelSpec, model) -> None:
-    """``init.params_from`` (all params) and ``init.tasks_from`` (per-task params)."""
+def init_from(config: Any, spec: ModelSpec, model, tokenizer=None) -> None:
+    """``init.prompts``, then ``init.params_from`` (all params) and ``init.tasks_from``
+    (per-task params), which overwrite it."""
     from mtop_jax.training.transfer import copy_params_from, copy_task_params_from
 
+    if config.init.prompts == "cls" and spec.model.mode == "mtop":
+        model.prompts.start_from_token(model.encoder.embeddings, tokenizer.cls_token_id)
     if config.init.params_from:
         copy_params_from(model, as_path(config.init.params_from))
     for task, source in dict(config.init.tasks_from).items():
@@ -170,7 +177,7 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     spec = ModelSpec(encoder=encoder_cfg, model=ModelConfig.from_dict(dict(config.model)),
                      tasks=tuple(tasks))
     model = create_model(spec, mesh, rules, seed=tcfg.seed, backbone=backbone)
-    init_from(config, spec, model)
+    init_from(config, spec, model, tokenizer)
     model.train()
     train_graphdef, params, _ = split_model(model)
     model.eval()
@@ -183,10 +190,12 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     state, state_shardings = create_state(model, tx, weighting_state, mesh, rules)
     train_step = jit_train_step(train_graphdef, tx, weighting, spec.regression, weighting_tx,
                                 seed=tcfg.seed, state_shardings=state_shardings,
-                                data_sharding=data_sharding, task_loss=tcfg.task_loss)
+                                data_sharding=data_sharding, task_loss=tcfg.task_loss,
+                                output_scales=spec.output_scales)
     eval_step = jit_eval_step(eval_graphdef, spec.regression,
                               param_shardings=state_shardings.params,
-                              rest_shardings=state_shardings.rest, data_sharding=data_sharding)
+                              rest_shardings=state_shardings.rest, data_sharding=data_sharding,
+                              output_scales=spec.output_scales)
     return Run(config, mesh, rules, data_sharding, tokenizer, spec, state, state_shardings,
                train_graphdef, eval_graphdef, tx, schedules, weighting, weighting_tx,
                train_step, eval_step)

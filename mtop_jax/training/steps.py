@@ -51,11 +51,14 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     weighting: LossWeighting | GradWeighting, regression,
                     weighting_tx: optax.GradientTransformation | None = None, *,
-                    seed: int = 0, task_loss: str = "labelled"):
+                    seed: int = 0, task_loss: str = "labelled", output_scales=None):
     """The pure train step; ``seed`` (``train.seed``) keys a method's randomness
     (PCGrad's projection order), folded with the step number; ``task_loss``
-    (``train.task_loss``) normalises each task's loss (``losses.task_losses``)."""
+    (``train.task_loss``) normalises each task's loss (``losses.task_losses``);
+    ``output_scales``: the tasks' (target_mean [N], target_std [N])
+    (``data.tasks.output_scales``), None for none."""
     regression = jnp.asarray(regression)
+    mean, std = _scales(output_scales, len(regression))
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
     base_key = jax.random.key(seed)
 
@@ -66,7 +69,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         logits = model.logits(batch["input_ids"], batch["attention_mask"],
                               batch["token_type_ids"])
         losses, present, counts = task_losses(logits, batch["labels"], batch["targets"],
-                                              batch["weights"], regression, task_loss)
+                                              batch["weights"], regression, task_loss,
+                                              mean, std)
         return losses, (present, counts, nnx.state(model, nnx.Not(nnx.Param)))
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
@@ -123,18 +127,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, regression):
-    """(params, rest, batch) -> predictions [B, N] (class ids, or values for regression),
-    per-task loss sums and label counts, and the batch's example ``index``."""
+def _scales(output_scales, num_tasks: int) -> tuple[jax.Array, jax.Array]:
+    if output_scales is None:
+        return jnp.zeros(num_tasks), jnp.ones(num_tasks)
+    mean, std = output_scales
+    return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, regression, output_scales=None):
+    """(params, rest, batch) -> predictions [B, N] (class ids, or values for regression,
+    in the targets' units), per-task loss sums (regression: standardised units, as in
+    training) and label counts, and the batch's example ``index``."""
     regression = jnp.asarray(regression)
+    mean, std = _scales(output_scales, len(regression))
 
     def step(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> dict:
         model = nnx.merge(graphdef, params, rest)
         logits = model.logits(batch["input_ids"], batch["attention_mask"],
                               batch["token_type_ids"])
         losses, _, counts = task_losses(logits, batch["labels"], batch["targets"],
-                                        batch["weights"], regression)
-        predictions = jnp.where(regression[None], logits[..., 0],
+                                        batch["weights"], regression, "labelled", mean, std)
+        predictions = jnp.where(regression[None], logits[..., 0] * std + mean,
                                 jnp.argmax(logits, axis=-1).astype(jnp.float32))
         return {"predictions": predictions, "loss_sums": losses * counts, "counts": counts,
                 "index": batch["index"]}
@@ -145,19 +158,21 @@ def make_eval_step(graphdef: nnx.GraphDef, regression):
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    weighting: LossWeighting | GradWeighting, regression,
                    weighting_tx: optax.GradientTransformation, *, seed: int,
-                   state_shardings, data_sharding: NamedSharding, task_loss: str = "labelled"):
+                   state_shardings, data_sharding: NamedSharding, task_loss: str = "labelled",
+                   output_scales=None):
     """``(state, batch) -> (state, metrics)`` jitted with the state's and the batch's
     shardings; the state is donated (updated in place)."""
     return jax.jit(make_train_step(graphdef, tx, weighting, regression, weighting_tx,
-                                   seed=seed, task_loss=task_loss),
+                                   seed=seed, task_loss=task_loss,
+                                   output_scales=output_scales),
                    in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 def jit_eval_step(graphdef: nnx.GraphDef, regression, *, param_shardings, rest_shardings,
-                  data_sharding: NamedSharding):
+                  data_sharding: NamedSharding, output_scales=None):
     """``(params, rest, batch) -> outputs`` jitted; outputs replicated on the mesh, so
     that every process reads the whole global batch."""
-    return jax.jit(make_eval_step(graphdef, regression),
+    return jax.jit(make_eval_step(graphdef, regression, output_scales),
                    in_shardings=(param_shardings, rest_shardings, data_sharding),
                    out_shardings=NamedSharding(data_sharding.mesh, PartitionSpec()))
