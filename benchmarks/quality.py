@@ -351,7 +351,7 @@ def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]
 
 def format_checks(checks: list[dict[str, Any]]) -> str:
     return "\n".join(
-        f"TARGET {c['recipe']}/mtop {c['target']}: {c['value']:.3f} vs {c['threshold']:.3f}"
+        f"TARGET {c['recipe']}/mtop {c['target']}: {c['value']:.4f} vs {c['threshold']:.4f}"
         f" -> {'PASS' if c['pass'] else 'MISS'}" for c in checks)
 
 
