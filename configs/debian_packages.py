@@ -9,18 +9,18 @@ The arg picks the mode for the baselines with the same budget:
 ``configs/debian_packages.py:shared``, ``:single``, ``:prefix``; and the
 steps and seed: ``configs/debian_packages.py:mode=shared,steps=100,seed=1``.
 
-Result (this config, 250 steps = one epoch, 2-core CPU, 5-7 min wall clock per
-run; test split, accuracy / macro-F1; ``benchmarks/quality.py``, seed 0, see
-benchmarks/README.md for the ablation behind ``task_loss="batch"``):
+Result (this config, 250 steps = one epoch, 2-core CPU, 5-8 min per run; test split,
+mean accuracy over seeds 0, 1, 2 and its standard deviation; the same budget for both
+modes; ``benchmarks/quality.py``, benchmarks/README.md has the per-task tables and
+the ablation behind the recipe):
 
-    mode    section       role          implemented_in  interface     mean acc
-    mtop    0.722/0.552   0.814/0.672   0.806/0.662     0.814/0.435   0.789
-    shared  0.716/0.534   0.831/0.689   0.845/0.715     0.837/0.472   0.807
+    mode    section  role   implemented_in  interface  mean acc
+    mtop    0.703    0.829  0.814           0.798      0.786 +- 0.005
+    shared  0.699    0.828  0.811           0.767      0.776 +- 0.015
+    TF-IDF + logistic regression (same run)            0.758
 
-With the per-task mean loss of before (``train.task_loss="labelled"``) the same
-runs gave mtop 0.765 and shared 0.757, section 0.658 and 0.661. The set's README
-gives a TF-IDF + logistic regression reference of mean accuracy 0.759 (section
-0.706, role 0.809).
+``configs/debian_packages.py:full`` trains three epochs (750 steps); its quality was
+not measured yet.
 """
 
 from mtop_jax.config import base_config, parse_arg

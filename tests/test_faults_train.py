@@ -220,7 +220,8 @@ def poison(monkeypatch, batches: set[int], value: float = float("nan")) -> None:
             batch = {**batch, "weights": batch["weights"] * np.float32(value)}
         return batch
 
-    def poisoned_losses(logits, labels, targets, weights, regression, normalize="labelled"):
+    def poisoned_losses(logits, labels, targets, weights, regression, normalize="labelled",
+                        *scales):
         # ``value`` read back from the weights (labelled rows: 1 * inf = inf; unlabelled:
         # 0 * inf = nan), not baked in: both tests below run one compiled step.
         bad = ~jnp.all(jnp.isfinite(weights))
@@ -228,7 +229,7 @@ def poison(monkeypatch, batches: set[int], value: float = float("nan")) -> None:
         logits = logits * jnp.where(bad, poisoned, 1.0)
         return task_losses(logits, labels, targets, jnp.where(jnp.isfinite(weights),
                                                               weights, 1.0), regression,
-                           normalize)
+                           normalize, *scales)
 
     monkeypatch.setattr(TrainIterator, "__next__", poisoned_batches)
     monkeypatch.setattr(steps, "task_losses", poisoned_losses)
