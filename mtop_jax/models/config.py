@@ -13,6 +13,11 @@ from mtop_jax.errors import WeightsError
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 #: model types that number positions from ``pad_token_id + 1`` (fairseq heritage).
 OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert")
+#: DistilBERT's config.json field -> BERT's name for the same thing.
+DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers",
+                    "n_heads": "num_attention_heads", "hidden_dim": "intermediate_size",
+                    "activation": "hidden_act", "dropout": "hidden_dropout_prob",
+                    "attention_dropout": "attention_probs_dropout_prob"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,14 @@ class EncoderConfig:
                 f"expected one of {list(SUPPORTED_MODEL_TYPES)}"
             )
         if model_type == "distilbert":
-            return cls._from_distilbert_dict(d, source)
+            # BERT's post-LayerNorm blocks under other names: learned absolute positions,
+            # no token-type embedding, no pooler, LayerNorm eps fixed at 1e-12.
+            if d.get("sinusoidal_pos_embds", False):
+                raise WeightsError(
+                    f"{source}: DistilBERT with sinusoidal_pos_embds true is not supported; "
+                    "expected sinusoidal_pos_embds false (learned position embeddings)")
+            d = {**{DISTILBERT_NAMES.get(k, k): v for k, v in d.items()},
+                 "type_vocab_size": 0, "layer_norm_eps": 1e-12}
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise WeightsError(
                 f"{source}: position_embedding_type {d['position_embedding_type']!r} "
@@ -79,7 +91,9 @@ class EncoderConfig:
             raise WeightsError(f"{source}: ELECTRA with embedding_size != hidden_size")
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size")
-        missing = [k for k in required if k not in d]
+        # named as the file names them
+        own = {v: k for k, v in DISTILBERT_NAMES.items()} if model_type == "distilbert" else {}
+        missing = [own.get(k, k) for k in required if k not in d]
         if missing:
             raise WeightsError(f"{source}: missing fields {missing}")
         return cls(
@@ -100,35 +114,6 @@ class EncoderConfig:
         )
 
     @classmethod
-    def _from_distilbert_dict(cls, d: dict[str, Any], source: str) -> EncoderConfig:
-        """DistilBERT: BERT's post-LayerNorm blocks under other names, learned absolute
-        positions, no token-type embedding, no pooler, LayerNorm eps fixed at 1e-12."""
-        if d.get("sinusoidal_pos_embds", False):
-            raise WeightsError(
-                f"{source}: DistilBERT with sinusoidal_pos_embds true is not supported; "
-                "expected sinusoidal_pos_embds false (learned position embeddings)")
-        required = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise WeightsError(f"{source}: missing fields {missing}")
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["dim"]),
-            num_layers=int(d["n_layers"]),
-            num_heads=int(d["n_heads"]),
-            intermediate_size=int(d["hidden_dim"]),
-            max_position_embeddings=int(d.get("max_position_embeddings", 512)),
-            type_vocab_size=0,
-            hidden_act=str(d.get("activation", "gelu")),
-            layer_norm_eps=1e-12,
-            hidden_dropout=float(d.get("dropout", 0.1)),
-            attention_dropout=float(d.get("attention_dropout", 0.1)),
-            pad_token_id=int(d.get("pad_token_id", 0) or 0),
-            offset_positions=False,
-            model_type="distilbert",
-        )
-
-    @classmethod
     def from_json_file(cls, path: str | Path) -> EncoderConfig:
         path = Path(path)
         if not path.is_file():
@@ -143,22 +128,7 @@ class EncoderConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` fields this config was read from (for saving a model)."""
-        if self.model_type == "distilbert":
-            return {
-                "model_type": "distilbert",
-                "vocab_size": self.vocab_size,
-                "dim": self.hidden_size,
-                "n_layers": self.num_layers,
-                "n_heads": self.num_heads,
-                "hidden_dim": self.intermediate_size,
-                "max_position_embeddings": self.max_position_embeddings,
-                "activation": self.hidden_act,
-                "dropout": self.hidden_dropout,
-                "attention_dropout": self.attention_dropout,
-                "pad_token_id": self.pad_token_id,
-                "sinusoidal_pos_embds": False,
-            }
-        return {
+        bert = {
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -174,6 +144,12 @@ class EncoderConfig:
             "pad_token_id": self.pad_token_id,
             "position_embedding_type": "absolute",
         }
+        if self.model_type != "distilbert":
+            return bert
+        own = {v: k for k, v in DISTILBERT_NAMES.items()}
+        dropped = ("type_vocab_size", "layer_norm_eps", "position_embedding_type")
+        return {**{own.get(k, k): v for k, v in bert.items() if k not in dropped},
+                "sinusoidal_pos_embds": False}
 
 
 #: Named sizes for tests and benchmarks (random weights).

@@ -31,7 +31,7 @@ NORMALIZE = ("labelled", "batch", "sqrt")
 
 def task_losses(logits: jax.Array, labels: jax.Array, targets: jax.Array, weights: jax.Array,
                 regression: jax.Array, normalize: str = "labelled",
-                target_mean: jax.Array | None = None, target_std: jax.Array | None = None,
+                target_mean: jax.Array | float = 0.0, target_std: jax.Array | float = 1.0,
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(losses [N], present [N] bool, counts [N]) from padded logits [B, N, C].
 
@@ -42,11 +42,7 @@ def task_losses(logits: jax.Array, labels: jax.Array, targets: jax.Array, weight
         raise ValueError(f"normalize {normalize!r} not in {NORMALIZE}")
     labelled = (labels >= 0) & (weights[:, None] > 0)  # [B, N]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-    if target_mean is not None:
-        targets = targets - target_mean
-    if target_std is not None:
-        targets = targets / target_std
-    sq = jnp.square(logits[..., 0] - targets)
+    sq = jnp.square(logits[..., 0] - (targets - target_mean) / target_std)
     per_example = jnp.where(regression[None, :], sq, ce)  # [B, N]
     counts = labelled.sum(axis=0)
     total = jnp.where(labelled, per_example, 0.0).sum(axis=0)

@@ -58,7 +58,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     ``output_scales``: the tasks' (target_mean [N], target_std [N])
     (``data.tasks.output_scales``), None for none."""
     regression = jnp.asarray(regression)
-    mean, std = _scales(output_scales, len(regression))
+    mean, std = _scales(output_scales)
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
     base_key = jax.random.key(seed)
 
@@ -127,10 +127,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return step
 
 
-def _scales(output_scales, num_tasks: int) -> tuple[jax.Array, jax.Array]:
-    if output_scales is None:
-        return jnp.zeros(num_tasks), jnp.ones(num_tasks)
-    mean, std = output_scales
+def _scales(output_scales) -> tuple[jax.Array, jax.Array]:
+    """(target_mean, target_std) as arrays; None: 0 and 1 (raw units)."""
+    mean, std = (0.0, 1.0) if output_scales is None else output_scales
     return jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
 
@@ -139,7 +138,7 @@ def make_eval_step(graphdef: nnx.GraphDef, regression, output_scales=None):
     in the targets' units), per-task loss sums (regression: standardised units, as in
     training) and label counts, and the batch's example ``index``."""
     regression = jnp.asarray(regression)
-    mean, std = _scales(output_scales, len(regression))
+    mean, std = _scales(output_scales)
 
     def step(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> dict:
         model = nnx.merge(graphdef, params, rest)
