@@ -80,8 +80,15 @@ def test_eval_covers_every_row_once(batch_size):
         lengths.add(batch["input_ids"].shape[1])
         seen.extend(batch["index"][batch["weights"] > 0].tolist())
         assert (batch["index"][batch["weights"] == 0] == -1).all()
-    assert seen == [0, 1, 2, 3, 4]
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert seen == [4, 2, 0, 1, 3]  # shortest first: batches pad to short buckets
     assert lengths <= {4, 8, 16}
+
+
+def test_eval_in_order_with_one_bucket():
+    enc = fake_encoded([3, 5, 2, 16, 1])
+    seen = [i for b in eval_batches(enc, LABELS, REGRESSION, 2, (16,)) for i in b["index"]]
+    assert seen == [0, 1, 2, 3, 4, -1]
 
 
 def test_process_slices_partition_eval_batches():

@@ -102,3 +102,38 @@ def test_bad_arguments():
         SourceSampler([3], 2, strategy="bogus")
     with pytest.raises(DataError, match="at least one example"):
         SourceSampler([3, 0], 2)
+
+
+def test_length_groups_batch_texts_of_like_length():
+    lengths = np.random.default_rng(0).integers(1, 200, size=256)
+    plain = SourceSampler([256], 8, seed=3)
+    grouped = SourceSampler([256], 8, seed=3, lengths=[lengths], length_groups=8)
+    a = np.stack([plain.next_rows() for _ in range(32)])
+    b = np.stack([grouped.next_rows() for _ in range(32)])
+    assert sorted(b.ravel()) == list(range(256))  # still every text once an epoch
+    # A batch pads to its longest text: far less padding than random batches of 8 ...
+    assert lengths[b].max(1).sum() < 0.75 * lengths[a].max(1).sum()
+    # ... yet batches are not in length order, and the next epoch groups other texts.
+    assert not np.all(np.diff(lengths[b].max(1)) <= 0)
+    c = np.stack([grouped.next_rows() for _ in range(32)])
+    assert {tuple(sorted(r)) for r in b} != {tuple(sorted(r)) for r in c}
+
+
+def test_length_groups_resume_at_exactly_the_next_batch():
+    lengths = [np.arange(37) % 11, np.arange(50) % 7]
+    s = SourceSampler([37, 50], 4, seed=5, lengths=lengths, length_groups=3)
+    for _ in range(30):
+        s.next_rows()
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = [s.next_rows() for _ in range(10)]
+    r = SourceSampler([37, 50], 4, seed=0, lengths=lengths, length_groups=3)
+    r.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(r.next_rows(), want)
+
+
+def test_length_groups_checks():
+    with pytest.raises(ConfigError, match="length_groups"):
+        SourceSampler([3], 2, lengths=[np.ones(3)], length_groups=-1)
+    with pytest.raises(DataError, match="token lengths"):
+        SourceSampler([3], 2, length_groups=2)

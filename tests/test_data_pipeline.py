@@ -58,8 +58,10 @@ def test_demo_eval_splits_with_the_train_tasks(demo, tok):
     batches = list(test.eval_batches(process_index=0, process_count=1))
     assert len(batches) == test.num_eval_batches == 16  # 1000 / 64, last one padded
     index = np.concatenate([b["index"][b["weights"] > 0] for b in batches])
-    assert index.tolist() == list(range(1000))
-    assert test.examples.ids[int(index[923])].startswith("task-")
+    assert sorted(index.tolist()) == list(range(1000))
+    lengths = test.encoded.lengths[index]
+    assert (np.diff(lengths) >= 0).all()  # shortest first (the demo config has buckets)
+    assert test.examples.ids[923].startswith("task-")
 
 
 def test_processes_partition_the_global_batch(demo):
@@ -177,3 +179,26 @@ def test_max_examples_and_config_checks(two_sources):
         source_configs({"sources": [{"source": "jsonl", "batch_size": 4}]})
     with pytest.raises(ConfigError, match="data.source"):
         load_examples({"source": "parquet"}, "train")
+
+
+def test_length_groups_shorten_the_padded_batches(demo, tok):
+    """``data.length_groups`` reaches the sampler: the same texts, shorter buckets."""
+    cfg, train = demo
+    grouped_cfg = cfg.copy_and_resolve_references()
+    grouped_cfg.length_groups = 16
+    grouped = build_dataset(grouped_cfg, tok, "train")
+
+    def padded(dataset):
+        it = dataset.train_iterator(seed=1, process_index=0, process_count=1)
+        batches = [next(it) for _ in range(200)]
+        rows = np.concatenate([b["index"] for b in batches])
+        return sum(b["input_ids"].shape[1] for b in batches), rows
+
+    plain_tokens, plain_rows = padded(train)
+    grouped_tokens, grouped_rows = padded(grouped)
+    assert grouped_tokens < 0.9 * plain_tokens
+    assert len(set(grouped_rows.tolist())) == len(grouped_rows)  # still without replacement
+    bad = cfg.copy_and_resolve_references()
+    bad.length_groups = -2
+    with pytest.raises(ConfigError, match="data.length_groups"):
+        build_dataset(bad, tok, "train")

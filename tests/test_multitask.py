@@ -288,7 +288,7 @@ def test_prompts_started_from_cls_enter_layer_0_as_the_cls_token_does():
     cls_state = model.encoder.embeddings(ids)[0, 0]
     before = model.prompts.embedding[...]
     model.prompts.start_from_token(model.encoder.embeddings, cls_id)
-    states = model.prompts.initial_states(model.encoder.embeddings)  # [N, P, H]
+    states = model.prompts.initial_states(model.encoder.embeddings, 1)[0]  # [N, P, H]
     assert float(jnp.abs(states - cls_state).max()) > 1e-2  # the random part is kept
     assert float(jnp.abs(states[0, 0] - states[0, 1]).max()) > 1e-2
     np.testing.assert_allclose(model.prompts.embedding[...] - before,
@@ -297,5 +297,17 @@ def test_prompts_started_from_cls_enter_layer_0_as_the_cls_token_does():
     model.prompts.embedding[...] = jnp.zeros_like(before)
     model.prompts.slot_position[...] = jnp.zeros_like(model.prompts.slot_position[...])
     model.prompts.start_from_token(model.encoder.embeddings, cls_id)
-    states = model.prompts.initial_states(model.encoder.embeddings)
+    states = model.prompts.initial_states(model.encoder.embeddings, 1)[0]
     np.testing.assert_allclose(states, jnp.broadcast_to(cls_state, states.shape), atol=1e-5)
+
+
+def test_prompt_dropout_is_drawn_for_every_row():
+    """In training, each row's prompts get their own dropout mask, as its tokens do."""
+    model = make_model(2, num_prompts=2)
+    model.train()
+    states = model.prompts.initial_states(model.encoder.embeddings, 4)  # [B, N, P, H]
+    dropped = states == 0
+    assert dropped.any() and not (dropped[0] == dropped[1]).all()
+    model.eval()
+    states = model.prompts.initial_states(model.encoder.embeddings, 4)
+    np.testing.assert_array_equal(states[0], states[3])

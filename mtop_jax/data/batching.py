@@ -104,12 +104,17 @@ def global_length(encoded: Encoded, rows: np.ndarray, buckets: Sequence[int]) ->
 def eval_batches(encoded: Encoded, labels: np.ndarray, regression: np.ndarray,
                  batch_size: int, buckets: Sequence[int], *, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Every row exactly once, in order; the last global batch padded (weight 0)."""
+    """Every row exactly once; the last global batch padded (weight 0). With several
+    buckets the rows go shortest first, so most batches pad to a short bucket (``index``
+    says where each row's prediction belongs)."""
     part = process_slice(batch_size, process_index, process_count)
     n = len(encoded)
+    order = (np.argsort(encoded.lengths, kind="stable") if len(buckets) > 1
+             else np.arange(n))
     for start in range(0, n, batch_size):
-        rows = np.arange(start, start + batch_size)
-        rows[rows >= n] = -1
+        rows = np.full(batch_size, -1, np.int64)
+        chunk = order[start:start + batch_size]
+        rows[:len(chunk)] = chunk
         length = global_length(encoded, rows, buckets)
         yield make_batch(encoded, labels, regression, rows[part], length)
 

@@ -11,9 +11,14 @@ Each row of a global batch picks a source at random with probability p_s:
   report of a task is its L_t(start). Before any report every ratio is 1.
 
 Within a source, examples come without replacement from a permutation that is
-redrawn every epoch of that source. Everything is a function of the seed,
-the step and each source's (epoch, cursor): ``state_dict()`` holds exactly
-that (plus the loss ratios), so a restored sampler yields the very next batch.
+redrawn every epoch of that source. With ``length_groups=k`` (and the sources'
+token lengths) that permutation is cut into chunks of k batches, each chunk
+sorted by length and its batches put back in random order (Hugging Face's
+``group_by_length``): a batch pads to the bucket of texts of like length, not
+to the longest of a random 32, and its texts are still drawn at random.
+Everything is a function of the seed, the step and each source's (epoch,
+cursor): ``state_dict()`` holds exactly that (plus the loss ratios), so a
+restored sampler yields the very next batch.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ class SourceSampler:
 
     def __init__(self, sizes: Sequence[int], batch_size: int, *, strategy: str = "proportional",
                  temperature: float = 2.0, seed: int = 0,
-                 source_tasks: Sequence[Sequence[str]] | None = None):
+                 source_tasks: Sequence[Sequence[str]] | None = None,
+                 lengths: Sequence[np.ndarray] | None = None, length_groups: int = 0):
         self.sizes = [int(n) for n in sizes]
         if not self.sizes or min(self.sizes) < 1:
             raise DataError(f"every source needs at least one example, sizes {self.sizes}")
@@ -65,6 +71,13 @@ class SourceSampler:
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}")
         self.batch_size = batch_size
+        if not isinstance(length_groups, int) or length_groups < 0:
+            raise ConfigError(f"data.length_groups: expected a number of batches >= 0 (0: off), "
+                              f"got {length_groups!r}")
+        if length_groups and (lengths is None or [len(x) for x in lengths] != self.sizes):
+            raise DataError("length_groups needs every source's token lengths")
+        self.length_groups = length_groups
+        self.lengths = [np.asarray(x) for x in lengths] if length_groups else None
         self.strategy = strategy
         self.temperature = temperature
         self.source_tasks = [list(t) for t in (source_tasks or [[] for _ in self.sizes])]
@@ -130,7 +143,11 @@ class SourceSampler:
         cached = self._perms.get(s)
         if cached is None or cached[0] != self.epochs[s]:
             rng = np.random.default_rng([self.seed, 1, s, self.epochs[s]])
-            cached = (self.epochs[s], rng.permutation(self.sizes[s]))
+            perm = rng.permutation(self.sizes[s])
+            if self.length_groups:
+                perm = group_by_length(perm, self.lengths[s],
+                                       self.batch_size * self.length_groups, self.batch_size, rng)
+            cached = (self.epochs[s], perm)
             self._perms[s] = cached
         return cached[1]
 
@@ -163,3 +180,16 @@ class SourceSampler:
         self.seed, self.step, self.epochs, self.cursors = seed, step, epochs, cursors
         self.start_losses, self.ratios = start, ratios
         self._perms.clear()
+
+
+def group_by_length(perm: np.ndarray, lengths: np.ndarray, chunk: int, batch_size: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``perm`` cut into chunks of ``chunk`` rows, each sorted by length (longest first) and
+    its ``batch_size`` blocks shuffled: the same rows, batches of texts of like length."""
+    out = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start:start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        blocks = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        out.extend(blocks[i] for i in rng.permutation(len(blocks)))
+    return np.concatenate(out) if out else perm

@@ -25,7 +25,9 @@ Data config keys (``ml_collections.ConfigDict`` or dict):
   ``download``, ``threshold``;
 - shared: ``max_length`` (128), ``batch_size`` (32, global), ``eval_batch_size``
   (``batch_size``), ``buckets`` (None: pad to ``max_length``), ``mixing``
-  (``proportional``, ``temperature``, ``uniform``, ``dynamic``),
+  (``proportional``, ``temperature``, ``uniform``, ``dynamic``), ``length_groups``
+  (0: off; k: training batches drawn from chunks of k batches sorted by length, so
+  they pad to short buckets: ``mixing.group_by_length``),
   ``temperature`` (2.0), ``seed`` (0), ``cache`` (True), ``cache_dir``
   (``""``: ``$MTOP_JAX_CACHE/tokens`` or ``~/.cache/mtop_jax/tokens``),
   ``max_examples`` (None: all; else the first n of every source, for smoke runs),
@@ -56,13 +58,13 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "source": "jsonl", "max_length": 128, "batch_size": 32, "eval_batch_size": None,
-    "buckets": None, "mixing": "proportional", "temperature": 2.0, "seed": 0, "cache": True,
-    "cache_dir": "", "max_examples": None, "unknown_labels": "error",
+    "buckets": None, "length_groups": 0, "mixing": "proportional", "temperature": 2.0,
+    "seed": 0, "cache": True, "cache_dir": "", "max_examples": None, "unknown_labels": "error",
 }
 UNKNOWN_LABELS = ("error", "ignore")
 SOURCES = ("jsonl", "csv", "tfds")
-_SHARED = ("max_length", "batch_size", "eval_batch_size", "buckets", "mixing", "temperature",
-           "seed", "cache", "cache_dir", "unknown_labels")
+_SHARED = ("max_length", "batch_size", "eval_batch_size", "buckets", "length_groups", "mixing",
+           "temperature", "seed", "cache", "cache_dir", "unknown_labels")
 
 
 def load_examples(config: Any, split: str, tasks: Sequence[TaskSpec] | None = None
@@ -141,7 +143,8 @@ def build_dataset(config: Any, tokenizer: Any, split: str, *,
         source_sizes=tuple(len(s) for s in sets),
         source_tasks=tuple(tuple(t for t, c in s.label_counts().items() if c) for s in sets),
         batch_size=cfg["batch_size"], eval_batch_size=cfg["eval_batch_size"] or cfg["batch_size"],
-        buckets=batching.resolve_buckets(max_length, cfg["buckets"]), mixing=cfg["mixing"],
+        buckets=batching.resolve_buckets(max_length, cfg["buckets"]),
+        length_groups=cfg["length_groups"], mixing=cfg["mixing"],
         temperature=float(cfg["temperature"]), seed=cfg["seed"])
     log.info("%s", dataset.summary())
     return dataset
@@ -161,6 +164,7 @@ class Dataset:
     batch_size: int = 32
     eval_batch_size: int = 32
     buckets: tuple[int, ...] = (128,)
+    length_groups: int = 0
     mixing: str = "proportional"
     temperature: float = 2.0
     seed: int = 0
@@ -183,8 +187,13 @@ class Dataset:
         sampler = SourceSampler(self.source_sizes, self.batch_size, strategy=self.mixing,
                                 temperature=self.temperature,
                                 seed=self.seed if seed is None else seed,
-                                source_tasks=self.source_tasks)
+                                source_tasks=self.source_tasks,
+                                lengths=self._source_lengths(), length_groups=self.length_groups)
         return TrainIterator(self, sampler, process_index, process_count)
+
+    def _source_lengths(self) -> list[np.ndarray]:
+        ends = np.cumsum(self.source_sizes)
+        return np.split(self.encoded.lengths, ends[:-1])
 
     def eval_batches(self, *, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -271,6 +280,10 @@ def _config(config: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"data config: expected a mapping, got {type(cfg).__name__}")
     cfg = {**DEFAULTS, **cfg}
+    groups = cfg["length_groups"]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+        raise ConfigError(f"data.length_groups: expected a number of batches >= 0 (0: off), "
+                          f"got {groups!r}")
     if cfg["unknown_labels"] not in UNKNOWN_LABELS:
         raise ConfigError(f"data.unknown_labels: expected one of {UNKNOWN_LABELS}, "
                           f"got {cfg['unknown_labels']!r}")

@@ -49,8 +49,7 @@ def run_fast(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
              ) -> tuple[jax.Array, jax.Array]:
     """(input states [B, L, H], prompt states [B, N, P, H]) after the last layer."""
     x = encoder.embeddings(input_ids, token_type_ids)
-    p0 = prompts.initial_states(encoder.embeddings)
-    p = jnp.broadcast_to(p0, (x.shape[0], *p0.shape)).astype(x.dtype)
+    p = prompts.initial_states(encoder.embeddings, x.shape[0]).astype(x.dtype)
     bias = padding_bias(attention_mask)  # [B, 1, 1, L]
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)
@@ -81,11 +80,10 @@ def run_dense(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
               ) -> tuple[jax.Array, jax.Array]:
     """The reference: same outputs as :func:`run_fast` through a dense (L+NP)^2 mask."""
     x = encoder.embeddings(input_ids, token_type_ids)
-    p0 = prompts.initial_states(encoder.embeddings)
-    n, np_, h = p0.shape
     batch, length = input_ids.shape
-    seq = jnp.concatenate(
-        [x, jnp.broadcast_to(p0.reshape(n * np_, h), (batch, n * np_, h)).astype(x.dtype)], 1)
+    p0 = prompts.initial_states(encoder.embeddings, batch)
+    _, n, np_, h = p0.shape
+    seq = jnp.concatenate([x, p0.reshape(batch, n * np_, h).astype(x.dtype)], 1)
     bias = mask_bias(block_mask(attention_mask, n, np_))[:, None]  # [B, 1, T, T]
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)

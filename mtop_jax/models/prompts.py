@@ -55,10 +55,11 @@ class TaskPrompts(nnx.Module):
             old = var.get_value()
             var.set_value(jax.device_put(old + add.astype(old.dtype), old.sharding))
 
-    def initial_states(self, embeddings: nnx.Module) -> jax.Array:
-        """[N, P, H] prompt states entering layer 0: the encoder's embedding
-        LayerNorm and dropout applied to prompt + slot position."""
-        return embeddings.dropout(embeddings.norm(self.embedding[...] + self.slot_position[...]))
+    def initial_states(self, embeddings: nnx.Module, batch: int) -> jax.Array:
+        """[B, N, P, H] prompt states entering layer 0: the encoder's embedding LayerNorm of
+        prompt + slot position, then its dropout, drawn for every row (as a token's is)."""
+        p = embeddings.norm(self.embedding[...] + self.slot_position[...])
+        return embeddings.dropout(jnp.broadcast_to(p, (batch, *p.shape)))
 
     def offset(self, layer: int) -> jax.Array | None:
         """[N, P, H] the deep offset of ``layer``, or None for input-depth prompts."""
