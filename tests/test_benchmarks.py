@@ -132,6 +132,9 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     assert (tmp_path / "runs" / "config-mtop-seed0" / "checkpoints" / "4").is_dir()
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert result["results"][0]["test"] == run["test"]
+    # the training wall time is kept beside the run: a later call re-evaluates, reports it
+    wall = json.loads((tmp_path / "runs" / "config-mtop-seed0.wall.json").read_text())
+    assert wall["wall_s"] == run["wall_s"] > 0
 
 
 def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
