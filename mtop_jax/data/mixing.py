@@ -71,9 +71,7 @@ class SourceSampler:
         if not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}")
         self.batch_size = batch_size
-        if not isinstance(length_groups, int) or length_groups < 0:
-            raise ConfigError(f"data.length_groups: expected a number of batches >= 0 (0: off), "
-                              f"got {length_groups!r}")
+        check_length_groups(length_groups)
         if length_groups and (lengths is None or [len(x) for x in lengths] != self.sizes):
             raise DataError("length_groups needs every source's token lengths")
         self.length_groups = length_groups
@@ -182,6 +180,13 @@ class SourceSampler:
         self._perms.clear()
 
 
+def check_length_groups(value: Any) -> None:
+    """``data.length_groups`` is a number of batches >= 0 (0: off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"data.length_groups: expected a number of batches >= 0 (0: off), "
+                          f"got {value!r}")
+
+
 def group_by_length(perm: np.ndarray, lengths: np.ndarray, chunk: int, batch_size: int,
                     rng: np.random.Generator) -> np.ndarray:
     """``perm`` cut into chunks of ``chunk`` rows, each sorted by length (longest first) and
@@ -192,4 +197,4 @@ def group_by_length(perm: np.ndarray, lengths: np.ndarray, chunk: int, batch_siz
         part = part[np.argsort(-lengths[part], kind="stable")]
         blocks = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
         out.extend(blocks[i] for i in rng.permutation(len(blocks)))
-    return np.concatenate(out) if out else perm
+    return np.concatenate(out)

@@ -49,7 +49,7 @@ import numpy as np
 from mtop_jax.data import batching
 from mtop_jax.data.examples import ExampleSet
 from mtop_jax.data.local_files import load_local, split_file
-from mtop_jax.data.mixing import SourceSampler
+from mtop_jax.data.mixing import SourceSampler, check_length_groups
 from mtop_jax.data.tasks import TaskSpec, merge_task_specs
 from mtop_jax.data.tokenization import Encoded, default_cache_dir, tokenize
 from mtop_jax.errors import ConfigError, DataError
@@ -197,7 +197,8 @@ class Dataset:
 
     def eval_batches(self, *, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """The split once, in order; padding rows of the last batch have weight 0."""
+        """The split once (shortest texts first when there are buckets); padding rows of the
+        last batch have weight 0."""
         process_index, process_count = _processes(process_index, process_count)
         return batching.eval_batches(self.encoded, self.examples.labels, self.regression,
                                      self.eval_batch_size, self.buckets,
@@ -280,10 +281,7 @@ def _config(config: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"data config: expected a mapping, got {type(cfg).__name__}")
     cfg = {**DEFAULTS, **cfg}
-    groups = cfg["length_groups"]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
-        raise ConfigError(f"data.length_groups: expected a number of batches >= 0 (0: off), "
-                          f"got {groups!r}")
+    check_length_groups(cfg["length_groups"])  # before any file is read
     if cfg["unknown_labels"] not in UNKNOWN_LABELS:
         raise ConfigError(f"data.unknown_labels: expected one of {UNKNOWN_LABELS}, "
                           f"got {cfg['unknown_labels']!r}")
