@@ -42,8 +42,9 @@ def test_a_str_override_takes_the_raw_text():
     c = load_config(TINY, ["--config.tokenizer=123", "--config.train.test_split=",
                            "--config.model.mode=None"])
     assert c.tokenizer == "123" and c.train.test_split == "" and c.model.mode == "None"
-    c = load_config(TINY, ["--config.train.steps=7", "--config.data.buckets=(16, 32)"])
-    assert c.train.steps == 7 and c.data.buckets == (16, 32)
+    c = load_config(TINY, ["--config.train.steps=7", "--config.data.buckets=(16, 32)",
+                           "--config.data.length_groups=16"])
+    assert c.train.steps == 7 and c.data.buckets == (16, 32) and c.data.length_groups == 16
 
 
 @pytest.mark.parametrize("override, field", [

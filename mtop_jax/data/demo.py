@@ -45,6 +45,9 @@ def debian_packages_config(path: str | Path | None = None) -> ml_collections.Con
     data.batch_size = 32
     data.eval_batch_size = 64
     data.buckets = (64, 128)
+    # >0: training batches drawn from groups of this many batches sorted by length, so
+    # they pad to short buckets (mtop_jax.data.mixing.group_by_length); 0: plain shuffle.
+    data.length_groups = 0
     data.mixing = "proportional"
     data.temperature = 2.0
     data.seed = 0
