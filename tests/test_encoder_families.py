@@ -1,4 +1,4 @@
-"""Every BERT-layout family against Hugging Face's PyTorch model, and MTOP on each.
+"""Every encoder family against Hugging Face's PyTorch model, and MTOP on each.
 
 ``tests/reference/encoders/<family>/`` holds a tiny random-weight checkpoint of
 each family as ``save_pretrained`` wrote it, and that model's outputs on a padded
@@ -23,8 +23,9 @@ from mtop_jax.models.multitask import ModelConfig, load_backbone
 from mtop_jax.models.spec import ModelSpec
 
 REFERENCES = Path(__file__).parent / "reference" / "encoders"
-FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
-WITH_POOLER = {"bert", "roberta", "xlm-roberta"}
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert")
+# pooler_output: BERT's tanh pooler, or ModernBERT's head on its pooled tokens
+WITH_POOLER = {"bert", "roberta", "xlm-roberta", "modernbert"}
 
 
 @functools.cache
@@ -125,5 +126,5 @@ def test_distilbert_mismatch_names_distilbert_tensors(tmp_path):
 def test_unsupported_model_type_names_the_supported_ones():
     assert "distilbert" in SUPPORTED_MODEL_TYPES
     with pytest.raises(WeightsError, match="model_type 'deberta-v2' is not supported; "
-                                           r"expected one of \[.*'distilbert'"):
+                                           r"expected one of \[.*'distilbert'.*'modernbert'"):
         EncoderConfig.from_hf_dict({"model_type": "deberta-v2"})

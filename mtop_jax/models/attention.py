@@ -22,6 +22,27 @@ def padding_bias(attention_mask: jax.Array) -> jax.Array:
     return mask_bias(attention_mask.astype(bool))[:, None, None, :]
 
 
+def within_window(pos_q: jax.Array, pos_k: jax.Array, window: int | None) -> jax.Array:
+    """[..., Tq, Tk] true where a query at ``pos_q`` [..., Tq] may see a key at ``pos_k``
+    [..., Tk] under a local ``window`` (|distance| <= window; None: everywhere)."""
+    distance = pos_q[..., :, None] - pos_k[..., None, :]
+    if window is None:
+        return jnp.ones(distance.shape, bool)
+    return jnp.abs(distance) <= window
+
+
+def attention_bias(attention_mask: jax.Array, positions: jax.Array,
+                   window: int | None) -> jax.Array:
+    """Input tokens' additive bias: padding, and for a local layer its window.
+
+    [B, 1, 1, L] without a window, [B, 1, L, L] with one."""
+    if window is None:
+        return padding_bias(attention_mask)
+    allowed = attention_mask.astype(bool)[:, None, :] & within_window(positions, positions,
+                                                                      window)
+    return mask_bias(allowed)[:, None]
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,

@@ -9,8 +9,14 @@ from typing import Any
 
 from mtop_jax.errors import WeightsError
 
-#: model_type values whose layout (post-LayerNorm BERT blocks) this encoder implements.
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+#: config.json ``model_type`` -> the encoder family (a module of ``mtop_jax.models.encoders``)
+#: that implements it. ``bert``: post-LayerNorm BERT blocks with learned absolute positions;
+#: ``modernbert``: pre-norm blocks with rotary positions, local/global attention and GeGLU.
+MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
+               "electra": "bert", "distilbert": "bert", "modernbert": "modernbert"}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
+#: ModernBERT's attention kinds of ``layer_types``.
+FULL, SLIDING = "full_attention", "sliding_attention"
 #: model types that number positions from ``pad_token_id + 1`` (fairseq heritage).
 OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert")
 #: DistilBERT's config.json field -> BERT's name for the same thing.
@@ -22,7 +28,7 @@ DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers",
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """A BERT-family encoder. Defaults are BERT-base's."""
+    """An encoder of any family of ``MODEL_TYPES``. Defaults are BERT-base's."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -39,6 +45,18 @@ class EncoderConfig:
     # RoBERTa-style: positions start at pad_token_id + 1 and skip padding.
     offset_positions: bool = False
     model_type: str = "bert"
+    # ModernBERT only (the BERT family has biases everywhere and global attention).
+    layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer; () = all FULL
+    local_attention: int = 0  # a sliding layer's keys lie within local_attention // 2
+    rope_theta: float = 160_000.0  # rotary base of FULL layers
+    local_rope_theta: float = 10_000.0  # and of SLIDING layers
+    norm_bias: bool = True
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    classifier_bias: bool = True
+    classifier_activation: str = "gelu"
+    classifier_pooling: str = "cls"  # what the head reads in mode shared: "cls" or "mean"
+    embedding_dropout: float = 0.0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -46,6 +64,37 @@ class EncoderConfig:
                 f"config: hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_heads}"
             )
+        if self.model_type not in MODEL_TYPES:
+            raise WeightsError(f"config: model_type {self.model_type!r} is not supported; "
+                               f"expected one of {list(SUPPORTED_MODEL_TYPES)}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise WeightsError(f"config: {len(self.layer_types)} layer_types for "
+                               f"{self.num_layers} layers")
+        if set(self.layer_types) - {FULL, SLIDING}:
+            raise WeightsError(f"config: layer_types {list(self.layer_types)}; expected each "
+                               f"of {[FULL, SLIDING]}")
+        if SLIDING in self.layer_types and self.local_attention < 2:
+            raise WeightsError("config: sliding_attention layers need local_attention >= 2")
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise WeightsError(f"config: classifier_pooling {self.classifier_pooling!r}; "
+                               "expected 'cls' or 'mean'")
+
+    @property
+    def family(self) -> str:
+        """The module of ``mtop_jax.models.encoders`` that builds this encoder."""
+        return MODEL_TYPES[self.model_type]
+
+    @property
+    def learned_positions(self) -> bool:
+        """Learned absolute positions: MTOP prompts then get a learned per-slot position
+        embedding; otherwise (rotary) they sit at positions len(row) + j (DESIGN.md 9)."""
+        return self.family == "bert"
+
+    def window(self, layer: int) -> int | None:
+        """How far (in positions) layer ``layer`` attends, None for global attention."""
+        if self.layer_types and self.layer_types[layer] == SLIDING:
+            return self.local_attention // 2
+        return None
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +120,8 @@ class EncoderConfig:
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"expected one of {list(SUPPORTED_MODEL_TYPES)}"
             )
+        if MODEL_TYPES[model_type] == "modernbert":
+            return _modernbert_from_hf(cls, d, source)
         if model_type == "distilbert":
             # BERT's post-LayerNorm blocks under other names: learned absolute positions,
             # no token-type embedding, no pooler, LayerNorm eps fixed at 1e-12.
@@ -128,6 +179,8 @@ class EncoderConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` fields this config was read from (for saving a model)."""
+        if self.family == "modernbert":
+            return _modernbert_to_hf(self)
         bert = {
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
@@ -152,6 +205,84 @@ class EncoderConfig:
                 "sinusoidal_pos_embds": False}
 
 
+def _modernbert_from_hf(cls: type[EncoderConfig], d: dict[str, Any], source: str
+                        ) -> EncoderConfig:
+    """ModernBERT's fields, in transformers 5.x's form (``layer_types``,
+    ``rope_parameters``) or 4.x's (``global_attn_every_n_layers``, ``*_rope_theta``)."""
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise WeightsError(f"{source}: missing fields {missing}")
+    layers = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is None:
+        every = int(d.get("global_attn_every_n_layers", 3))
+        types = [SLIDING if i % every else FULL for i in range(layers)]
+    rope = d.get("rope_parameters") or {}
+    full, sliding = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    scaling = [r.get("rope_type") for r in (full, sliding, d.get("rope_scaling") or {})
+               if r.get("rope_type", "default") != "default"]
+    if scaling:
+        raise WeightsError(f"{source}: rope_type {scaling[0]!r} is not supported; "
+                           "expected 'default'")
+    try:
+        return cls(
+            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            num_layers=layers, num_heads=int(d["num_attention_heads"]),
+            intermediate_size=int(d["intermediate_size"]),
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            type_vocab_size=0, hidden_act=str(d.get("hidden_activation", "gelu")),
+            layer_norm_eps=float(d.get("norm_eps", 1e-5)),
+            hidden_dropout=float(d.get("mlp_dropout", 0.0)),
+            attention_dropout=float(d.get("attention_dropout", 0.0)),
+            embedding_dropout=float(d.get("embedding_dropout", 0.0)),
+            pad_token_id=int(d.get("pad_token_id", 50283) or 0), model_type="modernbert",
+            layer_types=tuple(types), local_attention=int(d.get("local_attention", 128)),
+            rope_theta=float(full.get("rope_theta", d.get("global_rope_theta", 160_000.0))),
+            local_rope_theta=float(sliding.get("rope_theta",
+                                               d.get("local_rope_theta", 10_000.0))),
+            norm_bias=bool(d.get("norm_bias", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            classifier_bias=bool(d.get("classifier_bias", False)),
+            classifier_activation=str(d.get("classifier_activation", "gelu")),
+            classifier_pooling=str(d.get("classifier_pooling", "cls")),
+        )
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
+
+
+def _modernbert_to_hf(c: EncoderConfig) -> dict[str, Any]:
+    """transformers 5.x's ModernBERT fields (which 4.x's names are also read beside)."""
+    return {
+        "model_type": "modernbert", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "hidden_activation": c.hidden_act, "norm_eps": c.layer_norm_eps,
+        "mlp_dropout": c.hidden_dropout, "attention_dropout": c.attention_dropout,
+        "embedding_dropout": c.embedding_dropout, "pad_token_id": c.pad_token_id,
+        "layer_types": list(c.layer_types or (FULL,) * c.num_layers),
+        "local_attention": c.local_attention,
+        "rope_parameters": {FULL: {"rope_type": "default", "rope_theta": c.rope_theta},
+                            SLIDING: {"rope_type": "default", "rope_theta": c.local_rope_theta}},
+        "norm_bias": c.norm_bias, "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias,
+        "classifier_bias": c.classifier_bias,
+        "classifier_activation": c.classifier_activation,
+        "classifier_pooling": c.classifier_pooling,
+    }
+
+
+def _modernbert(layers: int, **kw: Any) -> EncoderConfig:
+    """A ModernBERT config with its defaults: every third layer global, no biases."""
+    return EncoderConfig(
+        model_type="modernbert", num_layers=layers, type_vocab_size=0, layer_norm_eps=1e-5,
+        hidden_dropout=0.0, attention_dropout=0.0, norm_bias=False, attention_bias=False,
+        mlp_bias=False, classifier_bias=False,
+        layer_types=tuple(SLIDING if i % 3 else FULL for i in range(layers)), **kw)
+
+
 #: Named sizes for tests and benchmarks (random weights).
 PRESETS: dict[str, EncoderConfig] = {
     "tiny": EncoderConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
@@ -160,4 +291,11 @@ PRESETS: dict[str, EncoderConfig] = {
     "bert-base": EncoderConfig(),
     "bert-large": EncoderConfig(hidden_size=1024, num_layers=24, num_heads=16,
                                 intermediate_size=4096),
+    # 3 layers (global, local, local) with a window of +-4: short test inputs feel it.
+    "modernbert-tiny": _modernbert(3, vocab_size=1024, hidden_size=64, num_heads=4,
+                                   intermediate_size=96, max_position_embeddings=128,
+                                   local_attention=8, pad_token_id=0),
+    "modernbert-base": _modernbert(22, vocab_size=50368, hidden_size=768, num_heads=12,
+                                   intermediate_size=1152, max_position_embeddings=8192,
+                                   local_attention=128, pad_token_id=50283),
 }

@@ -6,9 +6,10 @@ of mtop-jax or of its CI), from the repository root:
 
     python3 -m venv /tmp/refvenv
     /tmp/refvenv/bin/pip install torch transformers safetensors numpy
-    /tmp/refvenv/bin/python tests/reference/record_encoder_references.py
+    /tmp/refvenv/bin/python tests/reference/record_encoder_references.py [family ...]
 
-For each family (bert, roberta, xlm-roberta, electra, distilbert) it builds a
+(no family: all of them). For each family (bert, roberta, xlm-roberta, electra,
+distilbert) it builds a
 small random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
 vocab 100, 64 positions; every parameter perturbed away from its init, so that
 LayerNorm scales and zero-initialised biases are tested too) and writes into
@@ -21,6 +22,16 @@ LayerNorm scales and zero-initialised biases are tested too) and writes into
   ``last_hidden_state`` and, for the families with a pooler (bert, roberta,
   xlm-roberta), its ``pooler_output``; ``versions`` says which torch and
   transformers recorded them.
+
+``modernbert`` is recorded from a ``ModernBertForSequenceClassification`` (3
+layers: global, local, local with a window of +-2 positions, so that the
+reference batch feels it; no biases, as ModernBERT has none; mean pooling):
+its ``config.json``/``model.safetensors`` (``model.*``, ``head.*`` and
+``classifier.*`` tensors), the encoder's ``last_hidden_state``, and as
+``pooler_output`` its head on the mean of the real tokens' states. Beside them
+a ``tokenizer.json`` (a word-level vocabulary of the ids 0..99 with
+ModernBERT's special tokens [PAD] [UNK] [CLS] [SEP] [MASK]) makes the
+directory a complete local model for ``mtop-jax train``.
 """
 
 from pathlib import Path
@@ -35,6 +46,8 @@ from transformers import (
     DistilBertModel,
     ElectraConfig,
     ElectraModel,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
     RobertaConfig,
     RobertaModel,
     XLMRobertaConfig,
@@ -63,7 +76,20 @@ FAMILIES = {
                                     max_position_embeddings=POSITIONS, activation="gelu",
                                     sinusoidal_pos_embds=False, pad_token_id=0),
                    DistilBertModel, 2, 3, 0, False),
+    "modernbert": (ModernBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3,
+                                    num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
+                                    max_position_embeddings=POSITIONS, local_attention=4,
+                                    global_attn_every_n_layers=3, classifier_pooling="mean",
+                                    pad_token_id=0, bos_token_id=2, cls_token_id=2,
+                                    eos_token_id=3, sep_token_id=3, num_labels=2),
+                   ModernBertForSequenceClassification, 2, 3, 0, False),
 }
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+WORDS = ("the", "a", "of", "and", "to", "in", "is", "for", "with", "on", "library", "data",
+         "tool", "file", "system", "server", "client", "python", "gnu", "c", "shared", "web",
+         "http", "daemon", "gtk", "toolkit", "bindings", "module", "package", "network",
+         "text", "image", "sound", "video", "game", "font", "kernel", "driver", "test",
+         "build", "debug", "doc")
 
 
 def batch(cls_id: int, sep_id: int, pad_id: int, type_vocab_size: int):
@@ -96,7 +122,12 @@ def record(family: str) -> None:
     if has_types:
         inputs["token_type_ids"] = torch.from_numpy(types)
     with torch.no_grad():
-        out = model(**inputs)
+        if family == "modernbert":
+            out = model.model(**inputs)
+            m = inputs["attention_mask"][..., None].float()
+            out.pooler_output = model.head((out.last_hidden_state * m).sum(1) / m.sum(1))
+        else:
+            out = model(**inputs)
     directory = DEST / family
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -107,12 +138,37 @@ def record(family: str) -> None:
         arrays["pooler_output"] = pooled.numpy().astype(np.float32)
     np.savez_compressed(directory / "reference.npz", **arrays, versions=np.array(
         [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]))
+    if family == "modernbert":
+        save_tokenizer(directory)
     size = sum(f.stat().st_size for f in directory.iterdir())
     print(f"{family}: {sorted(arrays)}, {size / 1024:.0f} KiB")
 
 
+def save_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over ids 0..VOCAB-1 with ModernBERT's special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=POSITIONS,
+    ).save_pretrained(str(directory))
+
+
 def main() -> None:
-    for family in FAMILIES:
+    import sys
+
+    for family in sys.argv[1:] or FAMILIES:
         record(family)
 
 
