@@ -123,3 +123,22 @@ def test_params_per_task_have_no_slot_positions():
     assert model.prompts.slot_position is None
     h = cfg.hidden_size
     assert params_per_task(model) == 4 * h + h + (h * 3 + 3)
+
+
+@pytest.mark.parametrize("mode", ["shared", "prefix", "single"])
+def test_other_modes_run_on_modernbert_and_keep_I2(mode):
+    """shared reads the head on the mean of the tokens (the reference's pooling), prefix
+    keys sit outside every window, single vmaps whole encoders."""
+    ref, ids, mask = reference()
+    cfg = pretrained.load_config(DIRECTORY)
+    full = make_model(2, mode=mode, encoder_cfg=cfg, num_prompts=2)
+    if mode == "shared":
+        load_backbone(full, pretrained.encoder_params(
+            cfg, pretrained.read_safetensors(DIRECTORY)))
+        features = jax.jit(lambda m, i, k: m.features(i, k))(full, ids, mask)
+        np.testing.assert_allclose(features[:, 1], ref["pooler_output"], atol=1e-4, rtol=0)
+    run = jax.jit(lambda m, i, k: m(i, k))
+    out = run(full, ids, mask)
+    alone = run(full.select_tasks(["task1"]), ids, mask)
+    np.testing.assert_allclose(alone["task1"], out["task1"], atol=1e-5, rtol=0)
+    assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
