@@ -1,6 +1,7 @@
-"""``mtop-jax train`` then ``predict`` on the encoder families beyond BERT: a random
-tiny model (MiniLM's tokenizer) and a local Hugging Face directory (config,
-safetensors and tokenizer.json written by tests/reference/record_encoder_references.py)."""
+"""``mtop-jax train`` then ``predict`` on the encoder families beyond BERT (ModernBERT,
+DeBERTa-v3): a random tiny model (MiniLM's tokenizer) and a local Hugging Face
+directory (config, safetensors and tokenizer.json written by
+tests/reference/record_encoder_references.py)."""
 
 import contextlib
 import io
@@ -17,9 +18,15 @@ REFERENCES = ROOT / "tests" / "reference" / "encoders"
 TEXTS = ["GNU C library: shared libraries", "Python bindings for the GTK toolkit"]
 
 
+# model directory -> its tokenizer's (CLS, SEP) ids: ModernBERT's order, DeBERTa-v3's
+SPECIAL_IDS = {"modernbert": (2, 3), "deberta-v3": (1, 2)}
+
+
 @pytest.mark.parametrize("encoder,model_type", [
     ("random:modernbert-tiny", "modernbert"),
     (str(REFERENCES / "modernbert"), "modernbert"),
+    ("random:deberta-v3-tiny", "deberta-v2"),
+    (str(REFERENCES / "deberta-v3"), "deberta-v2"),
 ])
 def test_train_then_predict(encoder, model_type, tmp_path, capsys):
     workdir = tmp_path / "run"
@@ -41,9 +48,10 @@ def test_train_then_predict(encoder, model_type, tmp_path, capsys):
         for task in ("implemented_in", "interface", "role", "section"):
             assert abs(sum(line[task]["probabilities"].values()) - 1) < 1e-5
     if not encoder.startswith("random:"):
-        # the directory's own tokenizer, with ModernBERT's special tokens, went with the model
+        # the directory's own tokenizer, with the family's special tokens, went with the model
         tok = pretrained.load_tokenizer(workdir / "tokenizer")
         assert (tok.cls_token, tok.sep_token, tok.pad_token) == ("[CLS]", "[SEP]", "[PAD]")
         ids = tok("gnu c library")["input_ids"]
-        assert ids[0] == tok.cls_token_id == 2 and ids[-1] == tok.sep_token_id == 3
+        cls_id, sep_id = SPECIAL_IDS[Path(encoder).name]
+        assert ids[0] == tok.cls_token_id == cls_id and ids[-1] == tok.sep_token_id == sep_id
         assert len(ids) == 5 and tok.unk_token_id not in ids

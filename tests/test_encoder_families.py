@@ -23,9 +23,13 @@ from mtop_jax.models.multitask import ModelConfig, load_backbone
 from mtop_jax.models.spec import ModelSpec
 
 REFERENCES = Path(__file__).parent / "reference" / "encoders"
-FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert")
-# pooler_output: BERT's tanh pooler, or ModernBERT's head on its pooled tokens
-WITH_POOLER = {"bert", "roberta", "xlm-roberta", "modernbert"}
+FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert",
+            "deberta-v3", "deberta-v2")
+# pooler_output: BERT's tanh pooler, ModernBERT's head on its pooled tokens, DeBERTa's
+# context pooler
+WITH_POOLER = {"bert", "roberta", "xlm-roberta", "modernbert", "deberta-v3", "deberta-v2"}
+# reference directory -> its config's model_type, where they differ
+MODEL_TYPE = {"deberta-v3": "deberta-v2"}
 
 
 @functools.cache
@@ -52,7 +56,7 @@ _encode = jax.jit(lambda e, i, k, t: e(i, k, t))
 def test_parity_with_hugging_face(family):
     """Hidden states (real tokens) and pooler within 1e-4 of transformers (fp32)."""
     cfg, _, encoder, ref = loaded(family)
-    assert cfg.model_type == family
+    assert cfg.model_type == MODEL_TYPE.get(family, family)
     assert ref["attention_mask"].min() == 0, "the reference batch must contain padding"
     assert ("pooler_output" in ref) == (family in WITH_POOLER)
     hidden, pooled = _encode(encoder, *inputs(ref))
@@ -75,6 +79,23 @@ def test_mtop_fast_path_and_I1_on_family_weights(family):
     _, x = assert_fast_equals_dense(model, *batch)
     hidden, _ = _encode(encoder, *batch)
     np.testing.assert_array_equal(x, hidden)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_does_not_move_the_prompts(family):
+    """DESIGN.md section 9: prompt slot j sits at len(row) + j, so a row's prompts (and
+    logits) are the same padded to the batch's length as alone without padding; with
+    rotary or relative positions at L + j they would not be."""
+    cfg, params, _, ref = loaded(family)
+    model = make_model(2, encoder_cfg=cfg, num_prompts=2, prompt_depth="deep")
+    load_backbone(model, params)
+    ids, mask, types = inputs(ref)
+    run = jax.jit(lambda m, i, k, t: (m.mtop_states(i, k, t)[1], m.logits(i, k, t)))
+    padded = run(model, ids, mask, types)
+    n = int(ref["attention_mask"][1].sum())  # row 1: 6 real tokens of 9
+    alone = run(model, ids[1:2, :n], mask[1:2, :n], None if types is None else types[1:2, :n])
+    for got, want in zip(alone, padded):
+        np.testing.assert_allclose(got[0], want[1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,6 +146,6 @@ def test_distilbert_mismatch_names_distilbert_tensors(tmp_path):
 
 def test_unsupported_model_type_names_the_supported_ones():
     assert "distilbert" in SUPPORTED_MODEL_TYPES
-    with pytest.raises(WeightsError, match="model_type 'deberta-v2' is not supported; "
+    with pytest.raises(WeightsError, match="model_type 'deberta' is not supported; "
                                            r"expected one of \[.*'distilbert'.*'modernbert'"):
-        EncoderConfig.from_hf_dict({"model_type": "deberta-v2"})
+        EncoderConfig.from_hf_dict({"model_type": "deberta"})

@@ -43,6 +43,15 @@ def attention_bias(attention_mask: jax.Array, positions: jax.Array,
     return mask_bias(allowed)[:, None]
 
 
+def softmax_context(scores: jax.Array, v: jax.Array,
+                    dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """softmax(scores) v: scores [..., h, Tq, Tk] (fp32), v [..., Tk, h, d]."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("...hqk,...khd->...qhd", probs.astype(v.dtype), v)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,

@@ -11,9 +11,13 @@ from mtop_jax.errors import WeightsError
 
 #: config.json ``model_type`` -> the encoder family (a module of ``mtop_jax.models.encoders``)
 #: that implements it. ``bert``: post-LayerNorm BERT blocks with learned absolute positions;
-#: ``modernbert``: pre-norm blocks with rotary positions, local/global attention and GeGLU.
+#: ``modernbert``: pre-norm blocks with rotary positions, local/global attention and GeGLU;
+#: ``deberta``: BERT's blocks with disentangled relative-position attention (v2 and v3).
 MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
-               "electra": "bert", "distilbert": "bert", "modernbert": "modernbert"}
+               "electra": "bert", "distilbert": "bert", "modernbert": "modernbert",
+               "deberta-v2": "deberta"}
+#: DeBERTa's relative attention terms: content->position and position->content.
+POS_ATT_TYPES = ("c2p", "p2c")
 SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES)
 #: ModernBERT's attention kinds of ``layer_types``.
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -54,9 +58,17 @@ class EncoderConfig:
     attention_bias: bool = True
     mlp_bias: bool = True
     classifier_bias: bool = True
-    classifier_activation: str = "gelu"
+    classifier_activation: str = "gelu"  # also DeBERTa's pooler_hidden_act
     classifier_pooling: str = "cls"  # what the head reads in mode shared: "cls" or "mean"
     embedding_dropout: float = 0.0
+    # DeBERTa-v2/v3 only.
+    relative_attention: bool = False
+    position_buckets: int = 0  # log buckets of relative distance; 0: exact distances
+    max_relative_positions: int = 0  # 0: max_position_embeddings
+    pos_att_type: tuple[str, ...] = ()  # of POS_ATT_TYPES
+    share_att_key: bool = False  # position keys/queries through the content projections
+    norm_rel_ebd: bool = False  # LayerNorm on the relative embeddings
+    position_biased_input: bool = True  # learned absolute positions added to the input
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -75,6 +87,9 @@ class EncoderConfig:
                                f"of {[FULL, SLIDING]}")
         if SLIDING in self.layer_types and self.local_attention < 2:
             raise WeightsError("config: sliding_attention layers need local_attention >= 2")
+        if set(self.pos_att_type) - set(POS_ATT_TYPES):
+            raise WeightsError(f"config: pos_att_type {list(self.pos_att_type)}; expected "
+                               f"each of {list(POS_ATT_TYPES)}")
         if self.classifier_pooling not in ("cls", "mean"):
             raise WeightsError(f"config: classifier_pooling {self.classifier_pooling!r}; "
                                "expected 'cls' or 'mean'")
@@ -88,7 +103,15 @@ class EncoderConfig:
     def learned_positions(self) -> bool:
         """Learned absolute positions: MTOP prompts then get a learned per-slot position
         embedding; otherwise (rotary) they sit at positions len(row) + j (DESIGN.md 9)."""
-        return self.family == "bert"
+        return self.family != "modernbert" and self.position_biased_input
+
+    @property
+    def relative_span(self) -> int:
+        """DeBERTa: relative embeddings cover distances -span..span-1 (2 span rows)."""
+        if self.position_buckets > 0:
+            return self.position_buckets
+        return self.max_relative_positions if self.max_relative_positions > 0 else (
+            self.max_position_embeddings)
 
     def window(self, layer: int) -> int | None:
         """How far (in positions) layer ``layer`` attends, None for global attention."""
@@ -122,6 +145,8 @@ class EncoderConfig:
             )
         if MODEL_TYPES[model_type] == "modernbert":
             return _modernbert_from_hf(cls, d, source)
+        if MODEL_TYPES[model_type] == "deberta":
+            d = {"type_vocab_size": 0, "layer_norm_eps": 1e-7, **d}
         if model_type == "distilbert":
             # BERT's post-LayerNorm blocks under other names: learned absolute positions,
             # no token-type embedding, no pooler, LayerNorm eps fixed at 1e-12.
@@ -147,7 +172,7 @@ class EncoderConfig:
         missing = [own.get(k, k) for k in required if k not in d]
         if missing:
             raise WeightsError(f"{source}: missing fields {missing}")
-        return cls(
+        cfg = cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             num_layers=int(d["num_hidden_layers"]),
@@ -163,6 +188,7 @@ class EncoderConfig:
             offset_positions=model_type in OFFSET_POSITION_TYPES,
             model_type=model_type,
         )
+        return _deberta_from_hf(cfg, d, source) if cfg.family == "deberta" else cfg
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> EncoderConfig:
@@ -197,12 +223,50 @@ class EncoderConfig:
             "pad_token_id": self.pad_token_id,
             "position_embedding_type": "absolute",
         }
+        if self.family == "deberta":
+            return {**bert, "relative_attention": self.relative_attention,
+                    "position_buckets": self.position_buckets or -1,
+                    "max_relative_positions": self.max_relative_positions or -1,
+                    "pos_att_type": list(self.pos_att_type),
+                    "share_att_key": self.share_att_key,
+                    "norm_rel_ebd": "layer_norm" if self.norm_rel_ebd else "none",
+                    "position_biased_input": self.position_biased_input,
+                    "pooler_hidden_size": self.hidden_size,
+                    "pooler_hidden_act": self.classifier_activation}
         if self.model_type != "distilbert":
             return bert
         own = {v: k for k, v in DISTILBERT_NAMES.items()}
         dropped = ("type_vocab_size", "layer_norm_eps", "position_embedding_type")
         return {**{own.get(k, k): v for k, v in bert.items() if k not in dropped},
                 "sinusoidal_pos_embds": False}
+
+
+def _deberta_from_hf(cfg: EncoderConfig, d: dict[str, Any], source: str) -> EncoderConfig:
+    """DeBERTa-v2/v3's relative attention fields on top of the BERT fields."""
+    unsupported = []
+    if int(d.get("conv_kernel_size", 0) or 0) > 0:
+        unsupported.append("conv_kernel_size > 0 (v2-xlarge's convolution layer)")
+    if int(d.get("embedding_size", cfg.hidden_size)) != cfg.hidden_size:
+        unsupported.append("embedding_size != hidden_size")
+    if int(d.get("pooler_hidden_size", cfg.hidden_size)) != cfg.hidden_size:
+        unsupported.append("pooler_hidden_size != hidden_size")
+    if unsupported:
+        raise WeightsError(f"{source}: DeBERTa with {', '.join(unsupported)} is not supported")
+    kinds = d.get("pos_att_type") or []
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.lower().split("|") if k.strip()]
+    norm_rel = [k.strip() for k in str(d.get("norm_rel_ebd", "none")).lower().split("|")]
+    try:
+        return cfg.replace(
+            relative_attention=bool(d.get("relative_attention", False)),
+            position_buckets=max(int(d.get("position_buckets", -1)), 0),
+            max_relative_positions=max(int(d.get("max_relative_positions", -1)), 0),
+            pos_att_type=tuple(kinds), share_att_key=bool(d.get("share_att_key", False)),
+            norm_rel_ebd="layer_norm" in norm_rel,
+            position_biased_input=bool(d.get("position_biased_input", True)),
+            classifier_activation=str(d.get("pooler_hidden_act", "gelu")))
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
 
 
 def _modernbert_from_hf(cls: type[EncoderConfig], d: dict[str, Any], source: str
@@ -283,6 +347,15 @@ def _modernbert(layers: int, **kw: Any) -> EncoderConfig:
         layer_types=tuple(SLIDING if i % 3 else FULL for i in range(layers)), **kw)
 
 
+def _deberta_v3(**kw: Any) -> EncoderConfig:
+    """A DeBERTa-v3 config: relative attention (c2p, p2c) with shared keys, log buckets,
+    normalised relative embeddings, no absolute positions, no token types."""
+    return EncoderConfig(
+        model_type="deberta-v2", type_vocab_size=0, layer_norm_eps=1e-7,
+        relative_attention=True, pos_att_type=("p2c", "c2p"), share_att_key=True,
+        norm_rel_ebd=True, position_biased_input=False, **kw)
+
+
 #: Named sizes for tests and benchmarks (random weights).
 PRESETS: dict[str, EncoderConfig] = {
     "tiny": EncoderConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
@@ -295,6 +368,13 @@ PRESETS: dict[str, EncoderConfig] = {
     "modernbert-tiny": _modernbert(3, vocab_size=1024, hidden_size=64, num_heads=4,
                                    intermediate_size=96, max_position_embeddings=128,
                                    local_attention=8, pad_token_id=0),
+    # log buckets of 8 (exact within +-4): short test inputs reach the log range.
+    "deberta-v3-tiny": _deberta_v3(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
+                                   intermediate_size=128, max_position_embeddings=64,
+                                   position_buckets=8),
+    "deberta-v3-base": _deberta_v3(vocab_size=128100, hidden_size=768, num_layers=12,
+                                   num_heads=12, intermediate_size=3072,
+                                   max_position_embeddings=512, position_buckets=256),
     "modernbert-base": _modernbert(22, vocab_size=50368, hidden_size=768, num_heads=12,
                                    intermediate_size=1152, max_position_embeddings=8192,
                                    local_attention=128, pad_token_id=50283),

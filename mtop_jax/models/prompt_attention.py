@@ -25,6 +25,8 @@ encoder family (through the ``encoders.base`` interface):
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,16 +42,15 @@ def prompt_positions(attention_mask: jax.Array, num_prompts: int) -> jax.Array:
     return length + jnp.arange(num_prompts)
 
 
-def _prompt_layer(layer: EncoderLayer, p: jax.Array, pos_p: jax.Array, k_x: jax.Array,
-                  v_x: jax.Array, input_bias: jax.Array, own_bias: jax.Array) -> jax.Array:
+def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
+                  pos_x: jax.Array, k_x: jax.Array, v_x: jax.Array, input_bias: jax.Array,
+                  own_bias: jax.Array) -> jax.Array:
     """One layer for the prompt states p [B, N, P, H] at ``pos_p`` [B, P] given the
-    input's k/v [B, L, h, d]; biases [B, 1, 1, P | 1, L] and [P, P]."""
+    input's k/v [B, L, h, d] at ``pos_x`` [B, L]; biases [B, 1, 1, P, L] and [P, P]."""
     q_p, k_p, v_p = layer.project(p, pos_p[:, None])  # [B, N, P, h, d]
-    scale = q_p.shape[-1] ** -0.5
-    to_input = jnp.einsum("bnqhd,bkhd->bnhqk", q_p, k_x).astype(jnp.float32) * scale
-    to_input = to_input + input_bias
-    to_own = jnp.einsum("bnqhd,bnkhd->bnhqk", q_p, k_p).astype(jnp.float32) * scale
-    to_own = to_own + own_bias
+    pos_p, pos_x = pos_p[:, None], pos_x[:, None]  # one row of positions for all tasks
+    to_input = layer.scores(q_p, k_x[:, None], pos_p, pos_x, ctx) + input_bias
+    to_own = layer.scores(q_p, k_p, pos_p, pos_p, ctx) + own_bias
     probs = jax.nn.softmax(jnp.concatenate([to_input, to_own], axis=-1), axis=-1)
     probs = layer.drop_probs(probs).astype(v_x.dtype)
     length = k_x.shape[1]
@@ -72,14 +73,16 @@ def run_fast(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
     slots = jnp.arange(p.shape[2])  # prompt j and j' are j - j' positions apart
     prompt_biases = {w: (mask_bias(padding & within_window(pos_p, pos_x, w))[:, None, None],
                          mask_bias(within_window(slots, slots, w))) for w in biases}
+    shared = encoder.position_context()
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)
         if offset is not None:
             p = p + offset.astype(p.dtype)
+        ctx = layer.layer_context(shared)
         q_x, k_x, v_x = layer.project(x, pos_x)
         # reads the layer's input x, not its output
-        p = _prompt_layer(layer, p, pos_p, k_x, v_x, *prompt_biases[layer.window])
-        x = layer.finish(x, layer.attend(q_x, k_x, v_x, biases[layer.window]))
+        p = _prompt_layer(layer, ctx, p, pos_p, pos_x, k_x, v_x, *prompt_biases[layer.window])
+        x = layer.finish(x, layer.attend(q_x, k_x, v_x, biases[layer.window], pos_x, ctx))
     return encoder.final(x), encoder.final(p)
 
 
@@ -110,10 +113,11 @@ def run_dense(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
     allowed = block_mask(attention_mask, n, np_)
     biases = {w: mask_bias(allowed & within_window(positions, positions, w))[:, None]
               for w in {layer.window for layer in encoder.layers}}  # [B, 1, T, T]
+    shared = encoder.position_context()
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)
         if offset is not None:
             seq = seq.at[:, length:].add(offset.reshape(n * np_, h).astype(seq.dtype))
-        seq = layer(seq, positions, biases[layer.window])
+        seq = layer(seq, positions, biases[layer.window], shared=shared)
     seq = encoder.final(seq)
     return seq[:, :length], seq[:, length:].reshape(batch, n, np_, h)

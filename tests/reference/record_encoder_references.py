@@ -32,6 +32,16 @@ its ``config.json``/``model.safetensors`` (``model.*``, ``head.*`` and
 a ``tokenizer.json`` (a word-level vocabulary of the ids 0..99 with
 ModernBERT's special tokens [PAD] [UNK] [CLS] [SEP] [MASK]) makes the
 directory a complete local model for ``mtop-jax train``.
+
+DeBERTa is recorded twice from a ``DebertaV2ForSequenceClassification``
+(``deberta.*``, ``pooler.*`` and ``classifier.*`` tensors; ``pooler_output`` is
+its ContextPooler on [CLS]): ``deberta-v3`` as v3 is configured (c2p and p2c
+through the shared content projections, log buckets of 8 so that the batch's
+distances reach the log range, normalised relative embeddings, no absolute
+positions, no token types; with a tokenizer.json of DeBERTa-v3's special tokens
+[PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3), and ``deberta-v2`` as older v2 files are
+(one layer 16 wide, 2 heads; separate position projections, exact distances clamped at +-6,
+absolute positions and token types too, ``pos_att_type`` as a "c2p|p2c" string).
 """
 
 from pathlib import Path
@@ -42,6 +52,8 @@ import transformers
 from transformers import (
     BertConfig,
     BertModel,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertModel,
     ElectraConfig,
@@ -84,7 +96,25 @@ FAMILIES = {
                                     eos_token_id=3, sep_token_id=3, num_labels=2),
                    ModernBertForSequenceClassification, 2, 3, 0, False),
 }
-SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+DEBERTA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                    intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS,
+                    hidden_act="gelu", relative_attention=True, pad_token_id=0, num_labels=2)
+FAMILIES.update({
+    "deberta-v3": (DebertaV2Config(**DEBERTA_LIKE, num_hidden_layers=LAYERS, position_buckets=8,
+                                   pos_att_type=["p2c", "c2p"], share_att_key=True,
+                                   norm_rel_ebd="layer_norm", position_biased_input=False,
+                                   type_vocab_size=0, layer_norm_eps=1e-7),
+                   DebertaV2ForSequenceClassification, 1, 2, 0, False),
+    "deberta-v2": (DebertaV2Config(**{**DEBERTA_LIKE, "hidden_size": 16, "num_attention_heads": 2,
+                                      "intermediate_size": 20}, num_hidden_layers=1,
+                                   max_relative_positions=6, pos_att_type="c2p|p2c",
+                                   share_att_key=False, position_biased_input=True,
+                                   type_vocab_size=2),
+                   DebertaV2ForSequenceClassification, 1, 2, 0, True),
+})
+#: the special tokens of each family's tokenizer.json, in id order from 0
+SPECIAL = {"modernbert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+           "deberta-v3": ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")}
 WORDS = ("the", "a", "of", "and", "to", "in", "is", "for", "with", "on", "library", "data",
          "tool", "file", "system", "server", "client", "python", "gnu", "c", "shared", "web",
          "http", "daemon", "gtk", "toolkit", "bindings", "module", "package", "network",
@@ -126,6 +156,9 @@ def record(family: str) -> None:
             out = model.model(**inputs)
             m = inputs["attention_mask"][..., None].float()
             out.pooler_output = model.head((out.last_hidden_state * m).sum(1) / m.sum(1))
+        elif family.startswith("deberta"):
+            out = model.deberta(**inputs)
+            out.pooler_output = model.pooler(out.last_hidden_state)
         else:
             out = model(**inputs)
     directory = DEST / family
@@ -138,18 +171,18 @@ def record(family: str) -> None:
         arrays["pooler_output"] = pooled.numpy().astype(np.float32)
     np.savez_compressed(directory / "reference.npz", **arrays, versions=np.array(
         [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]))
-    if family == "modernbert":
-        save_tokenizer(directory)
+    if family in SPECIAL:
+        save_tokenizer(directory, SPECIAL[family])
     size = sum(f.stat().st_size for f in directory.iterdir())
     print(f"{family}: {sorted(arrays)}, {size / 1024:.0f} KiB")
 
 
-def save_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer over ids 0..VOCAB-1 with ModernBERT's special tokens."""
+def save_tokenizer(directory: Path, special: tuple[str, ...]) -> None:
+    """A word-level tokenizer over ids 0..VOCAB-1 with the family's special tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    vocab = {t: i for i, t in enumerate(special)}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
@@ -158,7 +191,7 @@ def save_tokenizer(directory: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=POSITIONS,

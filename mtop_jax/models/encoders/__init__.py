@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtop_jax.models.config import EncoderConfig
-from mtop_jax.models.encoders import bert, modernbert
+from mtop_jax.models.encoders import bert, deberta, modernbert
 from mtop_jax.models.encoders.base import Encoder, EncoderLayer
 
-FAMILIES = {"bert": bert, "modernbert": modernbert}
+FAMILIES = {"bert": bert, "modernbert": modernbert, "deberta": deberta}
 
 __all__ = ["FAMILIES", "Encoder", "EncoderLayer", "build_encoder", "hf_names"]
 

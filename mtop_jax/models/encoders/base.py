@@ -5,15 +5,20 @@ knowing its layout (DESIGN.md sections 3 and 9):
 
 - :class:`EncoderLayer` cuts a Transformer layer where the prompts need it:
   ``project`` (q, k, v of states at given positions: rotary families rotate
-  here), ``attend`` (the layer's own softmax attention), ``finish`` (output
-  projection, residuals, norms, feed-forward) and ``window`` (how far a local
-  layer attends, None for global). ``__call__`` is exactly
-  ``finish(x, attend(*project(x, positions), bias))``, so the fast path reuses
-  the same computation for the input tokens.
+  here), ``scores`` (a query's attention logits for keys at given positions:
+  relative-position families add their terms here), ``attend`` (the layer's
+  own softmax attention), ``finish`` (output projection, residuals, norms,
+  feed-forward), ``window`` (how far a local layer attends, None for global)
+  and ``layer_context`` (what the layer derives once per pass from the
+  encoder's ``position_context``: DeBERTa's projected relative embeddings).
+  ``__call__`` is exactly ``finish(x, attend(*project(x, positions), bias,
+  positions, ctx))``, so the fast path reuses the same computation for the
+  input tokens.
 - :class:`Encoder`: ``embeddings`` (with ``norm``, ``dropout``,
-  ``word_embeddings``, ``token_type_embeddings``), ``layers``, ``final`` (a
-  family's final norm, or nothing), ``pool_input`` (what the pooler reads in
-  mode ``shared``) and ``pooler`` (BERT's tanh pooler, ModernBERT's head).
+  ``word_embeddings``, ``token_type_embeddings``), ``layers``,
+  ``position_context``, ``final`` (a family's final norm, or nothing),
+  ``pool_input`` (what the pooler reads in mode ``shared``) and ``pooler``
+  (BERT's tanh pooler, ModernBERT's head, DeBERTa's context pooler).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtop_jax.models.attention import attention_bias, dot_product_attention
+from mtop_jax.models.attention import attention_bias, dot_product_attention, softmax_context
 from mtop_jax.models.axes import EMBED, param_init
 
 ACTIVATIONS = {
@@ -87,27 +92,43 @@ class EncoderLayer(nnx.Module):
         [..., T, heads, d]."""
         raise NotImplementedError
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
-               bias: jax.Array | None) -> jax.Array:
+    def layer_context(self, shared: Any) -> Any:
+        """What this layer derives, once per pass, from the encoder's
+        ``position_context()``; nothing by default."""
+        return None
+
+    def scores(self, q: jax.Array, k: jax.Array, pos_q: jax.Array, pos_k: jax.Array | None,
+               ctx: Any = None) -> jax.Array:
+        """fp32 attention logits [..., heads, Tq, Tk] of q [..., Tq, h, d] at ``pos_q``
+        for k [..., Tk, h, d] at ``pos_k`` (None: keys without a position, e.g.
+        prefixes). By default the scaled dot product (positions enter in ``project``)."""
+        return jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * (
+            q.shape[-1] ** -0.5)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+               positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
+        """The input tokens' attention context [B, T, h, d]."""
         return dot_product_attention(q, k, v, bias, dropout=self.drop_probs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array | None,
-                 extra_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                 extra_kv: tuple[jax.Array, jax.Array] | None = None,
+                 shared: Any = None) -> jax.Array:
         """x: [B, T, H] at ``positions`` [B, T]; bias: additive, broadcastable to
-        [B, heads, T, T].
+        [B, heads, T, T]; ``shared``: the encoder's ``position_context()``.
 
         ``extra_kv`` are keys/values [B, P, heads, head_dim] that every query
         may attend to, placed before the sequence's own (prefix tuning).
         """
+        ctx = self.layer_context(shared)
         q, k, v = self.project(x, positions)
-        if extra_kv is not None:
-            pk, pv = extra_kv
-            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-            if bias is not None:
-                open_ = jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype)
-                bias = jnp.concatenate([open_, bias], axis=-1)
-        return self.finish(x, self.attend(q, k, v, bias))
+        if extra_kv is None:
+            return self.finish(x, self.attend(q, k, v, bias, positions, ctx))
+        pk, pv = (a.astype(k.dtype) for a in extra_kv)
+        own = self.scores(q, k, positions, positions, ctx)
+        scores = jnp.concatenate([self.scores(q, pk, positions, None, ctx),
+                                  own if bias is None else own + bias], axis=-1)
+        context = softmax_context(scores, jnp.concatenate([pv, v], axis=1), self.drop_probs)
+        return self.finish(x, context)
 
 
 class Encoder(nnx.Module):
@@ -119,6 +140,11 @@ class Encoder(nnx.Module):
     embeddings: nnx.Module
     layers: nnx.List
     pooler: nnx.Module
+
+    def position_context(self) -> Any:
+        """What every layer needs beyond its own parameters for one pass (DeBERTa: the
+        normalised relative embeddings); nothing by default."""
+        return None
 
     def final(self, x: jax.Array) -> jax.Array:
         """What follows the last layer (ModernBERT's final norm); nothing by default."""
@@ -146,8 +172,9 @@ class Encoder(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids)
         positions = token_positions(input_ids)
         biases = self.layer_biases(attention_mask, positions)
+        shared = self.position_context()
         for layer in self.layers:
-            x = layer(x, positions, biases[layer.window])
+            x = layer(x, positions, biases[layer.window], shared=shared)
         x = self.final(x)
         return x, self.pooler(self.pool_input(x, attention_mask))
 

@@ -26,7 +26,8 @@ def norm(cfg: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Embeddings(nnx.Module):
-    """word + position (+ token type) embeddings, LayerNorm, dropout."""
+    """word (+ position) (+ token type) embeddings, LayerNorm, dropout (DeBERTa-v3 has
+    no absolute positions)."""
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self.cfg = cfg
@@ -34,7 +35,8 @@ class Embeddings(nnx.Module):
             n, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
             embedding_init=param_init(normal(), *axes))
         self.word_embeddings = embed(cfg.vocab_size, (VOCAB, EMBED))
-        self.position_embeddings = embed(cfg.max_position_embeddings, (None, EMBED))
+        self.position_embeddings = (embed(cfg.max_position_embeddings, (None, EMBED))
+                                    if cfg.position_biased_input else None)
         self.token_type_embeddings = (
             embed(cfg.type_vocab_size, (None, EMBED)) if cfg.type_vocab_size else None)
         self.norm = norm(cfg, rngs)
@@ -48,7 +50,9 @@ class Embeddings(nnx.Module):
         return jnp.cumsum(not_pad, axis=-1) * not_pad + self.cfg.pad_token_id
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(self.position_ids(input_ids))
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
