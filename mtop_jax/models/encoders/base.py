@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtop_jax.models.attention import attention_bias, dot_product_attention, softmax_context
+from mtop_jax.models.attention import attention_bias, input_attention, softmax_context
 from mtop_jax.models.axes import EMBED, param_init
 
 ACTIVATIONS = {
@@ -83,9 +83,12 @@ class EncoderLayer(nnx.Module):
         """[..., T, H] states at ``positions`` [..., T] -> q, k, v [..., T, heads, d]."""
         raise NotImplementedError
 
-    def drop_probs(self, probs: jax.Array) -> jax.Array:
+    def probs_dropout(self) -> nnx.Dropout:
         """The layer's dropout of attention probabilities."""
         raise NotImplementedError
+
+    def drop_probs(self, probs: jax.Array) -> jax.Array:
+        return self.probs_dropout()(probs)
 
     def finish(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """The layer's output for states ``x`` [..., T, H] given their attention context
@@ -107,8 +110,9 @@ class EncoderLayer(nnx.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
-        """The input tokens' attention context [B, T, h, d]."""
-        return dot_product_attention(q, k, v, bias, dropout=self.drop_probs)
+        """The input tokens' attention context [B, T, h, d], through
+        ``jax.nn.dot_product_attention`` (``attention.input_attention``)."""
+        return input_attention(q, k, v, bias, dropout=self.probs_dropout())
 
     def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array | None,
                  extra_kv: tuple[jax.Array, jax.Array] | None = None,

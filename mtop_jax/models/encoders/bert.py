@@ -115,8 +115,8 @@ class TransformerLayer(base.EncoderLayer):
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self.attention.project(x)
 
-    def drop_probs(self, probs: jax.Array) -> jax.Array:
-        return self.attention.attention_dropout(probs)
+    def probs_dropout(self) -> nnx.Dropout:
+        return self.attention.attention_dropout
 
     def finish(self, x: jax.Array, context: jax.Array) -> jax.Array:
         return self.ffn(self.attention.finish(x, context))

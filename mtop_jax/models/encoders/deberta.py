@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtop_jax.models.attention import softmax_context
+from mtop_jax.models.attention import input_attention
 from mtop_jax.models.axes import EMBED, HEADS, param_init
 from mtop_jax.models.config import EncoderConfig
 from mtop_jax.models.encoders import base, bert
@@ -74,18 +74,27 @@ class DebertaLayer(bert.TransformerLayer):
         queries = att.split_heads(query_proj(rel)) if "p2c" in cfg.pos_att_type else None
         return keys, queries
 
+    def scale(self, head_dim: int) -> float:
+        return (head_dim * (1 + len(self.cfg.pos_att_type))) ** -0.5
+
     def scores(self, q: jax.Array, k: jax.Array, pos_q: jax.Array, pos_k: jax.Array | None,
                ctx: Any = None) -> jax.Array:
-        cfg = self.cfg
-        scale = (q.shape[-1] * (1 + len(cfg.pos_att_type))) ** -0.5
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * scale
+        content = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
+        scores = content * self.scale(q.shape[-1])
         if ctx is None or pos_k is None:
             return scores
+        return scores + self.relative_scores(q, k, pos_q, pos_k, ctx)
+
+    def relative_scores(self, q: jax.Array, k: jax.Array, pos_q: jax.Array, pos_k: jax.Array,
+                        ctx: tuple[jax.Array | None, jax.Array | None]) -> jax.Array:
+        """fp32 [..., h, Tq, Tk]: the c2p and p2c terms of each query/key pair."""
+        cfg = self.cfg
         pos_keys, pos_queries = ctx
-        span = cfg.relative_span
+        scale = self.scale(q.shape[-1])
         # [..., 1, Tq, Tk] index of each pair's relative embedding
         index = self.relative_index(pos_q[..., :, None] - pos_k[..., None, :],
-                                    q.shape[-3] + k.shape[-3], span)[..., None, :, :]
+                                    q.shape[-3] + k.shape[-3], cfg.relative_span)[..., None, :, :]
+        scores = jnp.zeros((), jnp.float32)
         if pos_keys is not None:  # c2p: q_i . Kr[delta(i, j)]
             c2p = jnp.einsum("...qhd,rhd->...hqr", q, pos_keys.astype(q.dtype))
             scores = scores + jnp.take_along_axis(
@@ -108,10 +117,13 @@ class DebertaLayer(bert.TransformerLayer):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
-        scores = self.scores(q, k, positions, positions, ctx)
-        if bias is not None:
-            scores = scores + bias
-        return softmax_context(scores, v, self.drop_probs)
+        """The content scores through ``jax.nn.dot_product_attention``, the relative
+        terms joining the padding mask in its bias."""
+        if ctx is not None:
+            relative = self.relative_scores(q, k, positions, positions, ctx)
+            bias = relative if bias is None else bias + relative
+        return input_attention(q, k, v, bias, dropout=self.probs_dropout(),
+                               scale=self.scale(q.shape[-1]))
 
 
 class ContextPooler(nnx.Module):

@@ -89,8 +89,8 @@ class ModernBertLayer(base.EncoderLayer):
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         return rotary(q, positions, self.theta), rotary(k, positions, self.theta), v
 
-    def drop_probs(self, probs: jax.Array) -> jax.Array:
-        return self.attention_dropout(probs)
+    def probs_dropout(self) -> nnx.Dropout:
+        return self.attention_dropout
 
     def finish(self, x: jax.Array, context: jax.Array) -> jax.Array:
         out = self.attn_out(context.reshape(*context.shape[:-2], self.cfg.hidden_size))
