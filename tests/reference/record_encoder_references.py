@@ -5,12 +5,13 @@ Run once, in a throwaway environment that has torch (torch is not a dependency
 of mtop-jax or of its CI), from the repository root:
 
     python3 -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch transformers safetensors numpy
+    /tmp/refvenv/bin/pip install torch 'transformers>=5' safetensors numpy
     /tmp/refvenv/bin/python tests/reference/record_encoder_references.py [family ...]
 
-(no family: all of them). For each family (bert, roberta, xlm-roberta, electra,
-distilbert) it builds a
-small random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
+(no family: all of them; the seed of each is its place in ``FAMILIES``, so
+recording one leaves the others as they were). For each BERT-layout family
+(bert, roberta, xlm-roberta, electra, distilbert) it builds a small
+random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
 vocab 100, 64 positions; every parameter perturbed away from its init, so that
 LayerNorm scales and zero-initialised biases are tested too) and writes into
 ``tests/reference/encoders/<family>/``:
@@ -40,8 +41,9 @@ through the shared content projections, log buckets of 8 so that the batch's
 distances reach the log range, normalised relative embeddings, no absolute
 positions, no token types; with a tokenizer.json of DeBERTa-v3's special tokens
 [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3), and ``deberta-v2`` as older v2 files are
-(one layer 16 wide, 2 heads; separate position projections, exact distances clamped at +-6,
-absolute positions and token types too, ``pos_att_type`` as a "c2p|p2c" string).
+(one layer 16 wide, 2 heads; separate position projections, exact distances
+clamped at +-6, absolute positions and token types too; ``pos_att_type`` given as
+the "c2p|p2c" string older files hold, saved as a list).
 """
 
 from pathlib import Path
