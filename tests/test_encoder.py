@@ -14,7 +14,7 @@ from flax import nnx
 from mtop_jax.errors import WeightsError
 from mtop_jax.models import pretrained
 from mtop_jax.models.config import PRESETS, EncoderConfig
-from mtop_jax.models.encoder import Encoder
+from mtop_jax.models.encoders.bert import Encoder
 
 REFERENCE = Path(__file__).parent / "reference" / "minilm_reference.npz"
 

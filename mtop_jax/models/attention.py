@@ -2,6 +2,9 @@
 
 Kept apart from the layers so that the plain encoder, the MTOP prompt
 attention and the dense masked reference all share one softmax.
+:func:`input_attention` is the input tokens' self-attention (DESIGN.md section
+9): ``jax.nn.dot_product_attention``, so that backends can use their fused
+kernels; the prompts' small [N, P, L+P] attention stays a batched einsum.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def mask_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -20,6 +24,55 @@ def mask_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
 def padding_bias(attention_mask: jax.Array) -> jax.Array:
     """[B, L] 0/1 padding mask -> [B, 1, 1, L] additive bias over keys."""
     return mask_bias(attention_mask.astype(bool))[:, None, None, :]
+
+
+def within_window(pos_q: jax.Array, pos_k: jax.Array, window: int | None) -> jax.Array:
+    """[..., Tq, Tk] true where a query at ``pos_q`` [..., Tq] may see a key at ``pos_k``
+    [..., Tk] under a local ``window`` (|distance| <= window; None: everywhere)."""
+    distance = pos_q[..., :, None] - pos_k[..., None, :]
+    if window is None:
+        return jnp.ones(distance.shape, bool)
+    return jnp.abs(distance) <= window
+
+
+def attention_bias(attention_mask: jax.Array, positions: jax.Array,
+                   window: int | None) -> jax.Array:
+    """Input tokens' additive bias: padding, and for a local layer its window.
+
+    [B, 1, 1, L] without a window, [B, 1, L, L] with one."""
+    if window is None:
+        return padding_bias(attention_mask)
+    allowed = attention_mask.astype(bool)[:, None, :] & within_window(positions, positions,
+                                                                      window)
+    return mask_bias(allowed)[:, None]
+
+
+def input_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
+                    *, dropout: nnx.Dropout | None = None, scale: float | None = None
+                    ) -> jax.Array:
+    """softmax(q k^T scale + bias) v through ``jax.nn.dot_product_attention``.
+
+    q, k, v: [B, T, h, d] in one dtype; bias (fp32) broadcastable to [B, h, Tq, Tk];
+    ``scale`` defaults to 1/sqrt(d). The softmax runs in fp32 whatever the compute
+    dtype. That call has no attention dropout, so while ``dropout`` is live (training
+    with a nonzero rate) this is :func:`dot_product_attention` instead.
+    """
+    if dropout is not None and dropout.rate > 0 and not dropout.deterministic:
+        if scale is not None:
+            q = q * jnp.asarray(scale * q.shape[-1] ** 0.5, q.dtype)
+        return dot_product_attention(q, k, v, bias, dropout=dropout)
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+
+
+def softmax_context(scores: jax.Array, v: jax.Array,
+                    dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """softmax(scores) v: scores [..., h, Tq, Tk] (fp32), v [..., Tk, h, d]."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("...hqk,...khd->...qhd", probs.astype(v.dtype), v)
 
 
 def dot_product_attention(

@@ -27,10 +27,10 @@ from flax import nnx
 
 from mtop_jax.errors import ConfigError
 from mtop_jax.models import prompt_attention
-from mtop_jax.models.attention import padding_bias
 from mtop_jax.models.axes import TASKS, is_per_task, logical_axes
 from mtop_jax.models.config import EncoderConfig
-from mtop_jax.models.encoder import Encoder
+from mtop_jax.models.encoders import Encoder, build_encoder
+from mtop_jax.models.encoders.base import token_positions
 from mtop_jax.models.heads import TaskHeads
 from mtop_jax.models.pooling import POOLERS, TaskQueries, pool_tasks
 from mtop_jax.models.prompts import PrefixPrompts, TaskPrompts
@@ -95,11 +95,11 @@ class MultiTaskModel(nnx.Module):
             @nnx.split_rngs(splits=n)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: TASKS})
             def make(r: nnx.Rngs) -> Encoder:
-                return Encoder(encoder_cfg, rngs=r, dtype=dtype)
+                return build_encoder(encoder_cfg, rngs=r, dtype=dtype)
 
             self.encoders = make(rngs)
         else:
-            self.encoder = Encoder(encoder_cfg, rngs=rngs, dtype=dtype)
+            self.encoder = build_encoder(encoder_cfg, rngs=rngs, dtype=dtype)
         if cfg.mode == "mtop":
             self.prompts = TaskPrompts(encoder_cfg, n, cfg.num_prompts,
                                        deep=cfg.prompt_depth == "deep", rngs=rngs)
@@ -150,12 +150,16 @@ class MultiTaskModel(nnx.Module):
         keys, values = self.prefix()  # [N, layers, P, h, d]
         n, b = len(self.tasks), input_ids.shape[0]
         tile = lambda a: None if a is None else jnp.tile(a, (n, 1))  # [N*B, L], task-major
-        x = self.encoder.embeddings(tile(input_ids), tile(token_type_ids))
-        bias = padding_bias(tile(attention_mask))
+        encoder, ids, mask = self.encoder, tile(input_ids), tile(attention_mask)
+        x = encoder.embeddings(ids, tile(token_type_ids))
+        positions = token_positions(ids)
+        biases = encoder.layer_biases(mask, positions)
         per_row = lambda kv: jnp.repeat(kv, b, axis=0).astype(x.dtype)  # [N*B, P, h, d]
-        for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, bias, extra_kv=(per_row(keys[:, i]), per_row(values[:, i])))
-        pooled = self.encoder.pooler(x[:, 0])
+        shared = encoder.position_context()
+        for i, layer in enumerate(encoder.layers):
+            x = layer(x, positions, biases[layer.window],
+                      extra_kv=(per_row(keys[:, i]), per_row(values[:, i])), shared=shared)
+        pooled = encoder.pooler(encoder.pool_input(encoder.final(x), mask))
         return pooled.reshape(n, b, -1).transpose(1, 0, 2)
 
     def logits(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

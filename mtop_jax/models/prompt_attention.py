@@ -4,7 +4,14 @@ Attention structure (DESIGN.md section 3), query -> key:
   input token      -> input tokens (padding-masked)
   prompt of task t -> input tokens, and task t's own prompts
 
-Two implementations with the same parameters and the same result:
+Positions (DESIGN.md section 9): prompt slot j of every task sits at
+``len(row) + j``, as a token appended after the row's real tokens would. Rotary
+layers rotate it there; a local layer's window applies to it as to a token
+there. (Families with learned absolute positions ignore these positions: their
+prompts carry a learned per-slot position embedding instead.)
+
+Two implementations with the same parameters and the same result, for every
+encoder family (through the ``encoders.base`` interface):
 
 - :func:`run_fast`, the one to use. The input tokens run the plain encoder
   layer ([L x L] attention), untouched by the prompts. The prompts of all tasks,
@@ -12,54 +19,71 @@ Two implementations with the same parameters and the same result:
   shared) and to their own task's prompt keys/values: [N, P, L + P] scores.
   Nothing of size (L + N P)^2 is ever built.
 - :func:`run_dense`, the reference: one sequence of length L + N P through the
-  unmodified encoder layers with the dense block mask. Tests hold the fast
-  path to it.
+  unmodified encoder layers with the dense block mask and the positions above.
+  Tests hold the fast path to it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtop_jax.models.attention import mask_bias, padding_bias
-from mtop_jax.models.encoder import Encoder, TransformerLayer
+from mtop_jax.models.attention import mask_bias, within_window
+from mtop_jax.models.encoders.base import Encoder, EncoderLayer, token_positions
 from mtop_jax.models.prompts import TaskPrompts
 
 
-def _prompt_layer(layer: TransformerLayer, p: jax.Array, k_x: jax.Array, v_x: jax.Array,
-                  input_bias: jax.Array) -> jax.Array:
-    """One layer for the prompt states p [B, N, P, H] given the input's k/v [B, L, h, d]."""
-    attn = layer.attention
-    q_p, k_p, v_p = attn.project(p)  # [B, N, P, h, d]
-    scale = q_p.shape[-1] ** -0.5
-    to_input = jnp.einsum("bnqhd,bkhd->bnhqk", q_p, k_x).astype(jnp.float32) * scale
-    to_input = to_input + input_bias[:, None]  # [B, 1, 1, 1, L]: padding
-    to_own = jnp.einsum("bnqhd,bnkhd->bnhqk", q_p, k_p).astype(jnp.float32) * scale
+def prompt_positions(attention_mask: jax.Array, num_prompts: int) -> jax.Array:
+    """[B, P] position ``len(row) + j`` of prompt slot j in each row."""
+    length = attention_mask.astype(jnp.int32).sum(-1, keepdims=True)
+    return length + jnp.arange(num_prompts)
+
+
+def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
+                  pos_x: jax.Array, k_x: jax.Array, v_x: jax.Array, input_bias: jax.Array,
+                  own_bias: jax.Array) -> jax.Array:
+    """One layer for the prompt states p [B, N, P, H] at ``pos_p`` [B, P] given the
+    input's k/v [B, L, h, d] at ``pos_x`` [B, L]; biases [B, 1, 1, P, L] and [P, P]."""
+    q_p, k_p, v_p = layer.project(p, pos_p[:, None])  # [B, N, P, h, d]
+    pos_p, pos_x = pos_p[:, None], pos_x[:, None]  # one row of positions for all tasks
+    to_input = layer.scores(q_p, k_x[:, None], pos_p, pos_x, ctx) + input_bias
+    to_own = layer.scores(q_p, k_p, pos_p, pos_p, ctx) + own_bias
     probs = jax.nn.softmax(jnp.concatenate([to_input, to_own], axis=-1), axis=-1)
-    probs = attn.attention_dropout(probs).astype(v_x.dtype)
+    probs = layer.drop_probs(probs).astype(v_x.dtype)
     length = k_x.shape[1]
     context = (jnp.einsum("bnhqk,bkhd->bnqhd", probs[..., :length], v_x)
                + jnp.einsum("bnhqk,bnkhd->bnqhd", probs[..., length:], v_p))
-    return layer.ffn(attn.finish(p, context))
+    return layer.finish(p, context)
 
 
 def run_fast(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
              attention_mask: jax.Array, token_type_ids: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
-    """(input states [B, L, H], prompt states [B, N, P, H]) after the last layer."""
+    """(input states [B, L, H], prompt states [B, N, P, H]) after the encoder."""
     x = encoder.embeddings(input_ids, token_type_ids)
     p = prompts.initial_states(encoder.embeddings, x.shape[0]).astype(x.dtype)
-    bias = padding_bias(attention_mask)  # [B, 1, 1, L]
+    pos_x = token_positions(input_ids)
+    pos_p = prompt_positions(attention_mask, p.shape[2])
+    biases = encoder.layer_biases(attention_mask, pos_x)
+    padding = attention_mask.astype(bool)[:, None, :]  # [B, 1, L]
+    # Prompt -> input and prompt -> own prompt biases, per window: [B, 1, 1, P, L], [P, P].
+    slots = jnp.arange(p.shape[2])  # prompt j and j' are j - j' positions apart
+    prompt_biases = {w: (mask_bias(padding & within_window(pos_p, pos_x, w))[:, None, None],
+                         mask_bias(within_window(slots, slots, w))) for w in biases}
+    shared = encoder.position_context()
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)
         if offset is not None:
             p = p + offset.astype(p.dtype)
-        attn = layer.attention
-        q_x, k_x, v_x = attn.project(x)
-        p = _prompt_layer(layer, p, k_x, v_x, bias)  # reads the layer's input x, not its output
-        x = layer.ffn(attn.finish(x, attn.attend(q_x, k_x, v_x, bias)))
-    return x, p
+        ctx = layer.layer_context(shared)
+        q_x, k_x, v_x = layer.project(x, pos_x)
+        # reads the layer's input x, not its output
+        p = _prompt_layer(layer, ctx, p, pos_p, pos_x, k_x, v_x, *prompt_biases[layer.window])
+        x = layer.finish(x, layer.attend(q_x, k_x, v_x, biases[layer.window], pos_x, ctx))
+    return encoder.final(x), encoder.final(p)
 
 
 def block_mask(attention_mask: jax.Array, num_tasks: int, num_prompts: int) -> jax.Array:
@@ -84,10 +108,16 @@ def run_dense(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
     p0 = prompts.initial_states(encoder.embeddings, batch)
     _, n, np_, h = p0.shape
     seq = jnp.concatenate([x, p0.reshape(batch, n * np_, h).astype(x.dtype)], 1)
-    bias = mask_bias(block_mask(attention_mask, n, np_))[:, None]  # [B, 1, T, T]
+    positions = jnp.concatenate([token_positions(input_ids),
+                                 jnp.tile(prompt_positions(attention_mask, np_), (1, n))], 1)
+    allowed = block_mask(attention_mask, n, np_)
+    biases = {w: mask_bias(allowed & within_window(positions, positions, w))[:, None]
+              for w in {layer.window for layer in encoder.layers}}  # [B, 1, T, T]
+    shared = encoder.position_context()
     for i, layer in enumerate(encoder.layers):
         offset = prompts.offset(i)
         if offset is not None:
             seq = seq.at[:, length:].add(offset.reshape(n * np_, h).astype(seq.dtype))
-        seq = layer(seq, bias)
+        seq = layer(seq, positions, biases[layer.window], shared=shared)
+    seq = encoder.final(seq)
     return seq[:, :length], seq[:, length:].reshape(batch, n, np_, h)

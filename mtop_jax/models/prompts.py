@@ -1,8 +1,10 @@
 """Learned per-task parameters that condition the shared encoder.
 
 - :class:`TaskPrompts` (mode ``mtop``): P prompt embeddings per task that join
-  the sequence after the input tokens, a learned per-slot position embedding
-  shared by the tasks (prompts get no token-type embedding), and for
+  the sequence after the input tokens, for encoders with learned absolute
+  positions a learned per-slot position embedding shared by the tasks (rotary
+  encoders place the prompts at positions instead, DESIGN.md section 9;
+  prompts get no token-type embedding), and for
   ``prompt_depth='deep'`` a per-layer, per-task offset added to the prompt
   states before every layer (DESIGN.md section 3).
 - :class:`PrefixPrompts` (mode ``prefix``): prefix tuning, P key/value pairs per
@@ -33,8 +35,8 @@ class TaskPrompts(nnx.Module):
         normal = nnx.initializers.normal(0.02)
         self.embedding = nnx.Param(
             param_init(normal, TASKS, PROMPTS, EMBED)(rngs.params(), (num_tasks, num_prompts, h)))
-        self.slot_position = nnx.Param(
-            param_init(normal, PROMPTS, EMBED)(rngs.params(), (num_prompts, h)))
+        self.slot_position = nnx.Param(param_init(normal, PROMPTS, EMBED)(
+            rngs.params(), (num_prompts, h))) if cfg.learned_positions else None
         # Zero offsets: a deep model starts out computing what an input-depth one does.
         self.deep_offset = nnx.Param(param_init(nnx.initializers.zeros_init(), TASKS, LAYERS,
                                                 PROMPTS, EMBED)(
@@ -49,16 +51,21 @@ class TaskPrompts(nnx.Module):
         token = embeddings.word_embeddings.embedding[token_id]
         if embeddings.token_type_embeddings is not None:
             token = token + embeddings.token_type_embeddings.embedding[0]
-        position = embeddings.position_embeddings.embedding[embeddings.position_ids(
-            jnp.full((1, 1), token_id))[0, 0]]
-        for var, add in ((self.embedding, token), (self.slot_position, position)):
+        updates = [(self.embedding, token)]
+        if self.slot_position is not None:
+            updates.append((self.slot_position, embeddings.position_embeddings.embedding[
+                embeddings.position_ids(jnp.full((1, 1), token_id))[0, 0]]))
+        for var, add in updates:
             old = var.get_value()
             var.set_value(jax.device_put(old + add.astype(old.dtype), old.sharding))
 
     def initial_states(self, embeddings: nnx.Module, batch: int) -> jax.Array:
         """[B, N, P, H] prompt states entering layer 0: the encoder's embedding LayerNorm of
-        prompt + slot position, then its dropout, drawn for every row (as a token's is)."""
-        p = embeddings.norm(self.embedding[...] + self.slot_position[...])
+        prompt (+ slot position), then its dropout, drawn for every row (as a token's is)."""
+        p = self.embedding[...]
+        if self.slot_position is not None:
+            p = p + self.slot_position[...]
+        p = embeddings.norm(p)
         return embeddings.dropout(jnp.broadcast_to(p, (batch, *p.shape)))
 
     def offset(self, layer: int) -> jax.Array | None:

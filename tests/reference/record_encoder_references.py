@@ -5,11 +5,13 @@ Run once, in a throwaway environment that has torch (torch is not a dependency
 of mtop-jax or of its CI), from the repository root:
 
     python3 -m venv /tmp/refvenv
-    /tmp/refvenv/bin/pip install torch transformers safetensors numpy
-    /tmp/refvenv/bin/python tests/reference/record_encoder_references.py
+    /tmp/refvenv/bin/pip install torch 'transformers>=5' safetensors numpy
+    /tmp/refvenv/bin/python tests/reference/record_encoder_references.py [family ...]
 
-For each family (bert, roberta, xlm-roberta, electra, distilbert) it builds a
-small random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
+(no family: all of them; the seed of each is its place in ``FAMILIES``, so
+recording one leaves the others as they were). For each BERT-layout family
+(bert, roberta, xlm-roberta, electra, distilbert) it builds a small
+random-weight base model (hidden 32, 2 layers, 4 heads, intermediate 37,
 vocab 100, 64 positions; every parameter perturbed away from its init, so that
 LayerNorm scales and zero-initialised biases are tested too) and writes into
 ``tests/reference/encoders/<family>/``:
@@ -21,6 +23,27 @@ LayerNorm scales and zero-initialised biases are tested too) and writes into
   ``last_hidden_state`` and, for the families with a pooler (bert, roberta,
   xlm-roberta), its ``pooler_output``; ``versions`` says which torch and
   transformers recorded them.
+
+``modernbert`` is recorded from a ``ModernBertForSequenceClassification`` (3
+layers: global, local, local with a window of +-2 positions, so that the
+reference batch feels it; no biases, as ModernBERT has none; mean pooling):
+its ``config.json``/``model.safetensors`` (``model.*``, ``head.*`` and
+``classifier.*`` tensors), the encoder's ``last_hidden_state``, and as
+``pooler_output`` its head on the mean of the real tokens' states. Beside them
+a ``tokenizer.json`` (a word-level vocabulary of the ids 0..99 with
+ModernBERT's special tokens [PAD] [UNK] [CLS] [SEP] [MASK]) makes the
+directory a complete local model for ``mtop-jax train``.
+
+DeBERTa is recorded twice from a ``DebertaV2ForSequenceClassification``
+(``deberta.*``, ``pooler.*`` and ``classifier.*`` tensors; ``pooler_output`` is
+its ContextPooler on [CLS]): ``deberta-v3`` as v3 is configured (c2p and p2c
+through the shared content projections, log buckets of 8 so that the batch's
+distances reach the log range, normalised relative embeddings, no absolute
+positions, no token types; with a tokenizer.json of DeBERTa-v3's special tokens
+[PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3), and ``deberta-v2`` as older v2 files are
+(one layer 16 wide, 2 heads; separate position projections, exact distances
+clamped at +-6, absolute positions and token types too; ``pos_att_type`` given as
+the "c2p|p2c" string older files hold, saved as a list).
 """
 
 from pathlib import Path
@@ -31,10 +54,14 @@ import transformers
 from transformers import (
     BertConfig,
     BertModel,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertModel,
     ElectraConfig,
     ElectraModel,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
     RobertaConfig,
     RobertaModel,
     XLMRobertaConfig,
@@ -63,7 +90,38 @@ FAMILIES = {
                                     max_position_embeddings=POSITIONS, activation="gelu",
                                     sinusoidal_pos_embds=False, pad_token_id=0),
                    DistilBertModel, 2, 3, 0, False),
+    "modernbert": (ModernBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3,
+                                    num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
+                                    max_position_embeddings=POSITIONS, local_attention=4,
+                                    global_attn_every_n_layers=3, classifier_pooling="mean",
+                                    pad_token_id=0, bos_token_id=2, cls_token_id=2,
+                                    eos_token_id=3, sep_token_id=3, num_labels=2),
+                   ModernBertForSequenceClassification, 2, 3, 0, False),
 }
+DEBERTA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                    intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS,
+                    hidden_act="gelu", relative_attention=True, pad_token_id=0, num_labels=2)
+FAMILIES.update({
+    "deberta-v3": (DebertaV2Config(**DEBERTA_LIKE, num_hidden_layers=LAYERS, position_buckets=8,
+                                   pos_att_type=["p2c", "c2p"], share_att_key=True,
+                                   norm_rel_ebd="layer_norm", position_biased_input=False,
+                                   type_vocab_size=0, layer_norm_eps=1e-7),
+                   DebertaV2ForSequenceClassification, 1, 2, 0, False),
+    "deberta-v2": (DebertaV2Config(**{**DEBERTA_LIKE, "hidden_size": 16, "num_attention_heads": 2,
+                                      "intermediate_size": 20}, num_hidden_layers=1,
+                                   max_relative_positions=6, pos_att_type="c2p|p2c",
+                                   share_att_key=False, position_biased_input=True,
+                                   type_vocab_size=2),
+                   DebertaV2ForSequenceClassification, 1, 2, 0, True),
+})
+#: the special tokens of each family's tokenizer.json, in id order from 0
+SPECIAL = {"modernbert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+           "deberta-v3": ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")}
+WORDS = ("the", "a", "of", "and", "to", "in", "is", "for", "with", "on", "library", "data",
+         "tool", "file", "system", "server", "client", "python", "gnu", "c", "shared", "web",
+         "http", "daemon", "gtk", "toolkit", "bindings", "module", "package", "network",
+         "text", "image", "sound", "video", "game", "font", "kernel", "driver", "test",
+         "build", "debug", "doc")
 
 
 def batch(cls_id: int, sep_id: int, pad_id: int, type_vocab_size: int):
@@ -96,7 +154,15 @@ def record(family: str) -> None:
     if has_types:
         inputs["token_type_ids"] = torch.from_numpy(types)
     with torch.no_grad():
-        out = model(**inputs)
+        if family == "modernbert":
+            out = model.model(**inputs)
+            m = inputs["attention_mask"][..., None].float()
+            out.pooler_output = model.head((out.last_hidden_state * m).sum(1) / m.sum(1))
+        elif family.startswith("deberta"):
+            out = model.deberta(**inputs)
+            out.pooler_output = model.pooler(out.last_hidden_state)
+        else:
+            out = model(**inputs)
     directory = DEST / family
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -107,12 +173,37 @@ def record(family: str) -> None:
         arrays["pooler_output"] = pooled.numpy().astype(np.float32)
     np.savez_compressed(directory / "reference.npz", **arrays, versions=np.array(
         [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]))
+    if family in SPECIAL:
+        save_tokenizer(directory, SPECIAL[family])
     size = sum(f.stat().st_size for f in directory.iterdir())
     print(f"{family}: {sorted(arrays)}, {size / 1024:.0f} KiB")
 
 
+def save_tokenizer(directory: Path, special: tuple[str, ...]) -> None:
+    """A word-level tokenizer over ids 0..VOCAB-1 with the family's special tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(special)}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=POSITIONS,
+    ).save_pretrained(str(directory))
+
+
 def main() -> None:
-    for family in FAMILIES:
+    import sys
+
+    for family in sys.argv[1:] or FAMILIES:
         record(family)
 
 
