@@ -8,7 +8,7 @@ padded to a few length and batch buckets, so new batch sizes do not recompile
 each time; one jitted forward pass answers all tasks.
 
 Input contract (the same for ``predict``, ``logits``, ``embed``, ``batches``
-and ``encode``): ``texts`` is a sequence of ``str`` (any other iterable is read
+and ``tokenize``): ``texts`` is a sequence of ``str`` (any other iterable is read
 into a list first; a bare ``str`` or ``bytes`` is refused rather than split into
 characters, and so are a mapping and a set). Every valid Unicode string is
 answered: empty, whitespace only, control characters (NUL included), any
@@ -177,6 +177,8 @@ class Predictor:
         self.graphdef, _, abstract_rest = nnx.split(abstract_model(spec, eval_mode=True),
                                                      nnx.Param, ...)
         self.rest = placeholder_rest(abstract_rest)
+        self.devices = tuple(sharding.device_set) if sharding is not None else tuple(
+            jax.devices()[:1])
         if sharding is not None:
             self.rest = jax.device_put(self.rest, sharding)
         self.length_buckets = tuple(sorted(
@@ -193,11 +195,11 @@ class Predictor:
 
     # ------------------------------------------------------------------ batching
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token ids padded to a length bucket and a batch bucket (padding rows: length 1)."""
-        return self._encode(check_texts(texts))
+        return self._tokenize(check_texts(texts))
 
-    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if not len(texts):  # the tokenizer fails on an empty list
             enc: Any = {"input_ids": []}
         else:
@@ -226,7 +228,19 @@ class Predictor:
         texts = check_texts(texts)
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
-            yield len(chunk), self._encode(chunk)
+            yield len(chunk), self._tokenize(chunk)
+
+    def warm_up(self) -> int:
+        """Compile (and run once) the forward of every batch bucket x length bucket: after
+        this, ``logits`` of at most ``batch_size`` texts never compiles. Returns how many
+        programs that is."""
+        for rows in self.batch_buckets:
+            for length in self.length_buckets:
+                ids = np.zeros((rows, length), np.int32)
+                mask = ids.copy()
+                mask[:, 0] = 1
+                np.asarray(self._logits(self.params, self.rest, ids, mask, ids))
+        return len(self.batch_buckets) * len(self.length_buckets)
 
     # ------------------------------------------------------------------ outputs
 
@@ -247,23 +261,60 @@ class Predictor:
         feats = np.concatenate(out) if out else np.zeros((0, n_tasks, hidden), np.float32)
         return feats.reshape(len(feats), n_tasks * hidden)
 
-    def predict(self, texts: Sequence[str]) -> list[dict[str, dict[str, Any]]]:
-        """Per text, per task: ``{"label", "probabilities"}`` or ``{"value"}`` (regression)."""
-        return self.format(self.logits(texts))
+    def predict(self, texts: Sequence[str], *, tasks: Sequence[str] | None = None,
+                top_k: int | None = 1) -> list[dict[str, dict[str, Any]]]:
+        """Per text, per task (all, or ``tasks`` in their given order): ``{"label", "score",
+        "top_k": [[label, score], ...]}`` or ``{"value"}`` (regression).
 
-    def format(self, logits: np.ndarray) -> list[dict[str, dict[str, Any]]]:
+        ``top_k`` is how many (label, probability) pairs, most probable first (a task with
+        fewer classes gives all of them; ``None``: all). One forward pass per batch answers
+        every task; asking for fewer only shortens the answer.
+        """
+        selected, top_k = self.check_request(tasks, top_k)
+        return self.format(self.logits(texts), tasks=selected, top_k=top_k)
+
+    def check_request(self, tasks: Any, top_k: Any) -> tuple[tuple[int, ...], int | None]:
+        """Task indices and ``top_k`` of a request, else a DataError naming the field."""
+        if tasks is None:
+            selected = tuple(range(len(self.spec.tasks)))
+        else:
+            if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence) \
+                    or not all(isinstance(t, str) for t in tasks):
+                raise DataError(f"tasks: expected a list of task names, got {tasks!r:.80}")
+            index = {name: i for i, name in enumerate(self.task_names)}
+            unknown = [t for t in tasks if t not in index]
+            if unknown:
+                raise DataError(f"tasks: unknown tasks {unknown!r:.200}; the model has "
+                                f"{list(self.task_names)}")
+            if len(set(tasks)) != len(tasks) or not tasks:
+                raise DataError(f"tasks: expected distinct task names, at least one, got "
+                                f"{list(tasks)!r:.200}")
+            selected = tuple(index[t] for t in tasks)
+        if top_k is not None and (isinstance(top_k, bool)
+                                  or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise DataError(f"top_k: expected a positive integer or null, got {top_k!r:.40}")
+        return selected, None if top_k is None else int(top_k)
+
+    def format(self, logits: np.ndarray, *, tasks: Sequence[int] | None = None,
+               top_k: int | None = 1) -> list[dict[str, dict[str, Any]]]:
+        """``predict``'s answers from ``logits`` [n, N, C], for task indices ``tasks``."""
+        specs = self.spec.tasks
+        chosen = range(len(specs)) if tasks is None else tasks
         results = []
         for row in logits:
             out: dict[str, dict[str, Any]] = {}
-            for t, task in enumerate(self.spec.tasks):
+            for t in chosen:
+                task = specs[t]
                 if task.is_regression:
                     out[task.name] = {"value": float(task.value(row[t, 0]))}
                     continue
                 z = row[t, :task.num_classes].astype(np.float64)
                 p = np.exp(z - z.max())
                 p /= p.sum()
-                out[task.name] = {"label": task.labels[int(p.argmax())],
-                                  "probabilities": {lab: float(q)
-                                                    for lab, q in zip(task.labels, p)}}
+                k = len(p) if top_k is None else min(top_k, len(p))
+                order = np.argsort(-p, kind="stable")[:k]
+                best = int(order[0])
+                out[task.name] = {"label": task.labels[best], "score": float(p[best]),
+                                  "top_k": [[task.labels[int(c)], float(p[c])] for c in order]}
             results.append(out)
         return results
