@@ -18,6 +18,7 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
@@ -70,13 +71,14 @@ def expected(predictor):
 class Server:
     """``mtop-jax serve`` in a child process (one CPU device); its stderr is collected."""
 
-    def __init__(self, model_dir, *flags: str):
+    def __init__(self, model_dir, *flags: str, cpu_devices: int = 1):
         from fault_helpers import child_env
 
+        env = child_env()
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={cpu_devices}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mtop_jax.cli", "serve", str(model_dir), "--port", "0",
-             *flags], env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+             *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -170,6 +172,7 @@ def test_predict_answers_as_the_predictor_with_model_name_and_step(server, expec
     assert post(server, {"texts": []}).json()["predictions"] == []
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["status"] == "ready" and ready["tasks"] == ["topic", "text", "size"]
+    assert ready["devices"] == 1 and ready["batch_buckets"] == [1, 8]
 
 
 def test_every_status_code_with_a_message_naming_the_field(server):
@@ -427,3 +430,42 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(model_dir, expected)
     assert any(at > signalled[0] for *_, at in in_flight), "nothing was in flight"
     assert all(a[0] in ("refused", 503) for a in late), late
     assert any("draining" in line for line in srv.lines), srv.lines
+
+
+# ------------------------------------------------------------------------ devices
+
+
+def test_several_devices_split_each_batch_by_rows_and_answer_as_one(
+        model_dir, predictor, devices):
+    """Data parallel: parameters replicated, each device 1/8 of the rows (and 1/8 of the
+    work, by XLA's own cost analysis), the same logits as one device."""
+    eight = mtop_jax.load(model_dir, devices=devices, batch_size=16)
+    assert eight.batch_buckets == (8, 16)  # multiples of the device count
+    batch = eight.tokenize(POOL)  # 10 texts -> 16 rows
+    placed = eight.place(batch)
+    for x in placed:
+        shards = sorted((s.device.id, s.data.shape) for s in x.addressable_shards)
+        assert shards == [(d.id, (2, x.shape[1])) for d in devices]
+    out = eight._logits(eight.params, eight.rest, *placed)
+    assert sorted(s.data.shape[0] for s in out.addressable_shards) == [2] * 8
+    one = mtop_jax.load(model_dir, devices=devices[:1], batch_size=16)
+    flops = [p._logits.lower(p.params, p.rest, *p.place(batch)).compile().cost_analysis()[
+        "flops"] for p in (eight, one)]
+    assert flops[0] == pytest.approx(flops[1] / 8, rel=0.05)
+    np.testing.assert_allclose(eight.logits(POOL * 3), one.logits(POOL * 3), atol=1e-5)
+    assert eight.predict(POOL, top_k=2)[0].keys() == predictor.predict(POOL)[0].keys()
+
+
+def test_server_on_two_devices_answers_as_one(model_dir, expected):
+    srv = Server(model_dir, *SERVE, "--devices", "2", cpu_devices=2)
+    try:
+        srv.wait_ready()
+        ready = httpx.get(srv.url + "/readyz").json()
+        assert ready["devices"] == 2 and ready["batch_buckets"] == [2, 8]
+        answers = asyncio.run(hammer(srv.url, [{"texts": [t]} for t in POOL * 4], 8))
+        for (status, data, _, _), text in zip(answers, POOL * 4):
+            assert status == 200, data
+            assert_same(data["predictions"][0], expected[text])
+        assert srv.metrics()['mtop_compiles_total{phase="serving"}'] == 0
+    finally:
+        assert srv.stop() == 0, srv.lines

@@ -5,7 +5,10 @@ exported model directory (``mtop-jax export``) and returns a :class:`Predictor`
 whose parameters are restored with orbax onto the caller's devices, whatever
 mesh trained them. Texts are tokenised with the model's own tokenizer and
 padded to a few length and batch buckets, so new batch sizes do not recompile
-each time; one jitted forward pass answers all tasks.
+each time; one jitted forward pass answers all tasks. On several devices
+(``load(path, devices=[...])``) the parameters are replicated and each batch is
+split over the devices by rows (data parallel): the batch buckets are multiples of
+the device count, and each device computes its share of the rows.
 
 Input contract (the same for ``predict``, ``logits``, ``embed``, ``batches``
 and ``tokenize``): ``texts`` is a sequence of ``str`` (any other iterable is read
@@ -181,9 +184,15 @@ class Predictor:
             jax.devices()[:1])
         if sharding is not None:
             self.rest = jax.device_put(self.rest, sharding)
+        # Data parallel over a mesh: the rows of each batch split over every mesh axis.
+        self.input_sharding: jax.sharding.Sharding | None = None
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            mesh = sharding.mesh
+            self.input_sharding = jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
         self.length_buckets = tuple(sorted(
             {b for b in LENGTH_BUCKETS if b < self.max_length} | {self.max_length}))
-        self.batch_buckets = tuple(sorted({1, 8, self.batch_size}))
+        self.batch_buckets = tuple(sorted({self._rows(b) for b in (1, 8, self.batch_size)}))
         graphdef = self.graphdef
         self._logits = jax.jit(lambda p, r, i, m, t: nnx.merge(graphdef, p, r).logits(i, m, t))
         self._features = jax.jit(
@@ -192,6 +201,18 @@ class Predictor:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.spec.tasks)
+
+    def _rows(self, n: int) -> int:
+        """``n`` rounded up to a multiple of the device count (every device an equal share)."""
+        d = len(self.devices) if self.input_sharding is not None else 1
+        return -(-n // d) * d
+
+    def place(self, batch: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+        """(ids, mask, types) of a tokenised batch, split by rows over the devices."""
+        arrays = tuple(batch[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+        if self.input_sharding is None:
+            return arrays
+        return tuple(jax.device_put(a, self.input_sharding) for a in arrays)
 
     # ------------------------------------------------------------------ batching
 
@@ -207,7 +228,8 @@ class Predictor:
                                  padding=False)
         longest = max((len(x) for x in enc["input_ids"]), default=1)
         length = next(b for b in self.length_buckets if b >= longest)
-        rows = next((b for b in self.batch_buckets if b >= len(texts)), len(texts))
+        rows = next((b for b in self.batch_buckets if b >= len(texts)),
+                    self._rows(len(texts)))
         pad = self.tokenizer.pad_token_id or 0
         ids = np.full((rows, length), pad, np.int32)
         mask = np.zeros((rows, length), np.int32)
@@ -239,23 +261,22 @@ class Predictor:
                 ids = np.zeros((rows, length), np.int32)
                 mask = ids.copy()
                 mask[:, 0] = 1
-                np.asarray(self._logits(self.params, self.rest, ids, mask, ids))
+                batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": ids}
+                np.asarray(self._logits(self.params, self.rest, *self.place(batch)))
         return len(self.batch_buckets) * len(self.length_buckets)
 
     # ------------------------------------------------------------------ outputs
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """[n, N, C] padded logits (fp32), one forward pass per batch of texts."""
-        out = [np.asarray(self._logits(self.params, self.rest, b["input_ids"],
-                                       b["attention_mask"], b["token_type_ids"]))[:n]
+        out = [np.asarray(self._logits(self.params, self.rest, *self.place(b)))[:n]
                for n, b in self.batches(texts)]
         width = max(c for _, c in self.spec.head_tasks)
         return np.concatenate(out) if out else np.zeros((0, len(self.spec.tasks), width))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """[n, N*H] the fixed text representation [h_1; ..; h_N] (DESIGN.md section 6)."""
-        out = [np.asarray(self._features(self.params, self.rest, b["input_ids"],
-                                         b["attention_mask"], b["token_type_ids"]))[:n]
+        out = [np.asarray(self._features(self.params, self.rest, *self.place(b)))[:n]
                for n, b in self.batches(texts)]
         n_tasks, hidden = len(self.spec.tasks), self.spec.encoder.hidden_size
         feats = np.concatenate(out) if out else np.zeros((0, n_tasks, hidden), np.float32)

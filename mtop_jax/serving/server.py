@@ -185,7 +185,9 @@ def build_app(state: State) -> CountRequests:
             return _error(503, "not ready: compiling")
         return JSONResponse({"status": "ready", "model": state.name,
                              "step": state.predictor.step,
-                             "tasks": list(state.predictor.task_names)})
+                             "tasks": list(state.predictor.task_names),
+                             "devices": len(state.predictor.devices),
+                             "batch_buckets": list(state.predictor.batch_buckets)})
 
     async def metrics(request: Request) -> Response:
         if not authorized(request):
