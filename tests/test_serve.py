@@ -469,3 +469,42 @@ def test_server_on_two_devices_answers_as_one(model_dir, expected):
         assert srv.metrics()['mtop_compiles_total{phase="serving"}'] == 0
     finally:
         assert srv.stop() == 0, srv.lines
+
+
+# ------------------------------------------------------------------------ load test
+
+
+def test_serve_load_quick_writes_its_table_targets_json_and_png(model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import serve_load
+
+    result = serve_load.main([str(model_dir), "--quick", "--concurrency", "1,4",
+                              "--seconds", "0.5", "--max-batch", "8", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| texts/request | clients |" in out and "## Targets" in out
+    assert "PASS compiles after ready: 0" in out
+    assert "PASS failed requests within the queue bound: 0" in out
+    saved = json.loads((tmp_path / "serve_load.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert {"device", "jax_version", "command", "date"} <= set(saved)
+    assert (tmp_path / "serve_load.png").stat().st_size > 10_000
+    rows = saved["results"]
+    assert {(r["texts_per_request"], r["concurrency"]) for r in rows} == {
+        (k, c) for k in (1, 8) for c in (1, 4)}
+    for r in rows:
+        assert r["failed"] == 0 and r["ok"] == r["requests"] > 0
+        assert r["p50_s"] <= r["p95_s"] <= r["p99_s"]
+        assert r["texts_per_s"] == pytest.approx(r["ok"] * r["texts_per_request"] / r["wall_s"])
+        # every text went through a forward pass of at most 8 rows
+        assert sum(r["batch_sizes"].values()) >= r["ok"] * r["texts_per_request"] / 8
+        assert set(r["batch_sizes"]) == {"1", "2", "4", "8", "+Inf"}
+        assert r["batch_sizes"]["+Inf"] == 0
+    solo = next(r for r in rows if r["texts_per_request"] == 8 and r["concurrency"] == 1)
+    assert solo["batch_sizes"]["8"] == sum(solo["batch_sizes"].values())  # 8 texts: 1 pass
+    assert saved["offline"]["texts_per_s"] > 0 and saved["offline"]["batch"] == 8
+    assert saved["compiles_after_ready"] == 0 and saved["server_exit_code"] == 0
+    assert saved["predict_cold_start_s"] > 0 and saved["ready_s"] > 0
+    assert [c["name"].split(" (")[0] for c in saved["checks"]] == [
+        "compiles after ready", "failed requests within the queue bound"]  # no 32 clients
