@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,14 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (Linux /proc), else None."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def metrics(self) -> dict[str, float]:
         import httpx
 
@@ -120,17 +129,24 @@ class ServerProcess:
 
 
 async def drive(url: str, texts: list[str], per_request: int, concurrency: int,
-                seconds: float) -> dict[str, Any]:
-    """Closed-loop load for ``seconds``: latencies and statuses of every request."""
+                seconds: float, warmup_s: float,
+                snapshot: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Closed-loop load: ``warmup_s`` untimed (connections opened, the loop at its pace),
+    then ``seconds`` measured: latencies and statuses of the requests sent in that window,
+    and ``snapshot()`` taken at its start and its end."""
     import httpx
 
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    deadline = time.monotonic() + seconds
+    measure_from = time.monotonic() + warmup_s
+    deadline = measure_from + seconds
     counter = iter(range(10**12))
+    marks: dict[str, Any] = {}
 
     async def client(http: httpx.AsyncClient) -> None:
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline:
+            if now >= measure_from and "start" not in marks:
+                marks["start"], marks["t0"] = snapshot(), time.perf_counter()
             start = next(counter) * per_request
             body = {"texts": [texts[(start + j) % len(texts)] for j in range(per_request)]}
             t0 = time.perf_counter()
@@ -139,20 +155,26 @@ async def drive(url: str, texts: list[str], per_request: int, concurrency: int,
                 status = str(r.status_code)
             except httpx.TransportError as e:
                 status = type(e).__name__
-            latencies.append(time.perf_counter() - t0)
-            statuses[status] = statuses.get(status, 0) + 1
+            if now >= measure_from:
+                latencies.append(time.perf_counter() - t0)
+                statuses[status] = statuses.get(status, 0) + 1
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
+    async def one_client() -> None:
+        # A client of its own (one keep-alive connection) per simulated user: one shared
+        # pool of many connections costs httpx ~3x the CPU a request at 32.
+        async with httpx.AsyncClient(timeout=120) as http:
+            await client(http)
+
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    wall = time.perf_counter() - marks["t0"]
+    end = snapshot()
     ok = statuses.get("200", 0)
     lat = np.asarray(latencies)
     return {"requests": len(latencies), "ok": ok, "failed": len(latencies) - ok,
             "statuses": statuses, "wall_s": wall, "requests_per_s": ok / wall,
             "texts_per_s": ok * per_request / wall,
-            **{f"p{q}_s": float(np.percentile(lat, q)) for q in (50, 95, 99)}}
+            **{f"p{q}_s": float(np.percentile(lat, q)) for q in (50, 95, 99)},
+            "start": marks["start"], "end": end}
 
 
 def batch_histogram(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
@@ -280,12 +302,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"ready in {ready_s:.1f} s")
         for k in args.texts_per_request:
             for c in args.concurrency:
-                # Untimed first: connections opened, the closed loop at its pace.
-                asyncio.run(drive(server.url, texts, k, c, min(1.0, args.seconds / 2)))
-                before = server.metrics()
-                row = asyncio.run(drive(server.url, texts, k, c, args.seconds))
+                def snapshot() -> dict[str, Any]:
+                    return {"metrics": server.metrics(), "server_cpu": server.cpu_seconds(),
+                            "client_cpu": time.process_time()}
+
+                row = asyncio.run(drive(server.url, texts, k, c, args.seconds,
+                                        min(1.0, args.seconds / 2), snapshot))
+                a, b = row.pop("start"), row.pop("end")
                 row.update(concurrency=c, texts_per_request=k,
-                           batch_sizes=batch_histogram(before, server.metrics()))
+                           batch_sizes=batch_histogram(a["metrics"], b["metrics"]),
+                           # where the 2 cores went: the server process, the HTTP client
+                           server_cpu_s=None if a["server_cpu"] is None
+                           else b["server_cpu"] - a["server_cpu"],
+                           client_cpu_s=b["client_cpu"] - a["client_cpu"])
                 rows.append(row)
                 log(f"{k} text(s)/request, {c} clients: {row['texts_per_s']:.0f} texts/s, "
                     f"p99 {1000 * row['p99_s']:.1f} ms, {row['failed']} failed")
@@ -300,10 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     table = markdown_table(
         ["texts/request", "clients", "requests/s", "texts/s", "p50 ms", "p95 ms", "p99 ms",
-         "failed", "mean batch"],
+         "failed", "mean batch", "server CPU ms/request", "client CPU ms/request"],
         [[r["texts_per_request"], r["concurrency"], fmt(r["requests_per_s"]),
           fmt(r["texts_per_s"]), fmt(1000 * r["p50_s"]), fmt(1000 * r["p95_s"]),
-          fmt(1000 * r["p99_s"]), r["failed"], fmt(mean_batch(r["batch_sizes"], r))]
+          fmt(1000 * r["p99_s"]), r["failed"], fmt(mean_batch(r["batch_sizes"], r)),
+          fmt(per_request(r["server_cpu_s"], r)), fmt(per_request(r["client_cpu_s"], r))]
          for r in rows])
     print(f"## mtop-jax serve, {Path(args.model).name}: --max-batch {args.max_batch} "
           f"--max-wait-ms {args.max_wait_ms:g}, {args.seconds:g} s per setting\n")
@@ -329,6 +359,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plot(rows, off, out / "serve_load.png")
         log(f"wrote {out / 'serve_load.json'}")
     return result
+
+
+def per_request(seconds: float | None, row: dict) -> float | None:
+    return None if seconds is None or not row["requests"] else 1000 * seconds / row["requests"]
 
 
 def mean_batch(hist: dict[str, int], row: dict) -> float | None:
