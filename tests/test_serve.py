@@ -71,10 +71,10 @@ def expected(predictor):
 class Server:
     """``mtop-jax serve`` in a child process (one CPU device); its stderr is collected."""
 
-    def __init__(self, model_dir, *flags: str, cpu_devices: int = 1):
+    def __init__(self, model_dir, *flags: str, cpu_devices: int = 1, **env_vars: str):
         from fault_helpers import child_env
 
-        env = child_env()
+        env = {**child_env(), **env_vars}
         env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={cpu_devices}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mtop_jax.cli", "serve", str(model_dir), "--port", "0",
@@ -120,6 +120,7 @@ def server(model_dir):
     try:
         # Alive while it compiles (readiness may come first on a warm cache).
         assert httpx.get(srv.url + "/healthz").json() == {"status": "alive"}
+        assert srv.host == "127.0.0.1"  # loopback unless --host says otherwise
         srv.wait_ready()
         yield srv
     finally:
@@ -373,11 +374,17 @@ def test_bearer_token_and_a_full_queue(model_dir, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     srv = Server(model_dir, *SERVE, "--max-batch", "1", "--max-queue", "2",
-                 "--token-file", str(token))
+                 "--token-file", str(token),
+                 JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cold-cache"))  # compiles take s
+    good = {"Authorization": "Bearer s3cret"}
     try:
-        srv.wait_ready()  # probes need no token
+        # Listening, not ready: probes answer (no token needed), predictions wait.
         assert httpx.get(srv.url + "/healthz").status_code == 200
-        good = {"Authorization": "Bearer s3cret"}
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503 and r.json()["error"] == "not ready: compiling"
+        r = post(srv, {"texts": ["a"]}, headers=good)
+        assert (r.status_code, r.headers["retry-after"]) == (503, "1"), r.text
+        srv.wait_ready()
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}):
             r = post(srv, {"texts": ["a"]}, headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -391,7 +398,7 @@ def test_bearer_token_and_a_full_queue(model_dir, tmp_path):
             if status == 503:
                 assert headers["retry-after"] == "1" and data["error"].startswith("queue full")
         m = srv.metrics(**good)
-        assert m['mtop_requests_total{code="503",path="/v1/predict"}'] == codes.count(503)
+        assert m['mtop_requests_total{code="503",path="/v1/predict"}'] == codes.count(503) + 1
         assert m['mtop_requests_total{code="401",path="/v1/predict"}'] == 3
     finally:
         assert srv.stop() == 0, srv.lines
