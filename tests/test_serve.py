@@ -461,6 +461,17 @@ def test_several_devices_split_each_batch_by_rows_and_answer_as_one(
     assert flops[0] == pytest.approx(flops[1] / 8, rel=0.05)
     np.testing.assert_allclose(eight.logits(POOL * 3), one.logits(POOL * 3), atol=1e-5)
     assert eight.predict(POOL, top_k=2)[0].keys() == predictor.predict(POOL)[0].keys()
+    # The server's buckets (1, 8, 16, ..., max batch), rounded to the device count.
+    from mtop_jax.errors import ConfigError
+    from mtop_jax.serving.server import batch_buckets
+
+    assert batch_buckets(32) == [1, 8, 16, 32] and batch_buckets(8) == [1, 8]
+    assert batch_buckets(20) == [1, 8, 16, 20] and batch_buckets(1) == [1]
+    finer = mtop_jax.load(model_dir, devices=devices, batch_size=32,
+                          batch_buckets=batch_buckets(32))
+    assert finer.batch_buckets == (8, 16, 32)
+    with pytest.raises(ConfigError, match="batch_buckets"):
+        mtop_jax.load(model_dir, devices=devices[:1], batch_size=8, batch_buckets=[16])
 
 
 def test_server_on_two_devices_answers_as_one(model_dir, expected):

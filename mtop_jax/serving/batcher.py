@@ -1,11 +1,12 @@
 """Concurrent requests gathered into shared forward passes.
 
 Requests queue as rows (a text each). One asyncio task takes rows in arrival order
-until a batch holds ``max_batch`` rows or ``max_wait`` has passed since its first
-row arrived, and runs it on the predictor in a single worker thread, so the event
-loop keeps accepting and parsing requests while the model runs (and the next batch
-gathers meanwhile). A request larger than ``max_batch`` spans several batches; it is
-answered when its last row is. The predictor's batch buckets are compiled before the
+until a batch holds ``max_batch`` rows or ``max_wait`` has passed since the batch
+opened (its first row arrived, or the model became free, whichever is later), and
+runs it on the predictor in a single worker thread, so the event loop keeps accepting
+and parsing requests while the model runs (and the next batch gathers meanwhile). A
+request larger than ``max_batch`` spans several batches; it is answered when its last
+row is. The predictor's batch buckets are compiled before the
 server is ready, so any batch of at most ``max_batch`` rows reuses a compiled program.
 
 The queue is bounded in requests (waiting or being computed): ``submit`` beyond the
@@ -52,6 +53,7 @@ class Batcher:
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._rows: deque[tuple[_Pending, int]] = deque()  # (request, row index)
         self._first_at: float | None = None  # arrival of the oldest queued row
+        self._free_at = 0.0  # when the model finished its last batch
         self._pending = 0
         self._closed = False
         self._wake = asyncio.Event()
@@ -111,9 +113,13 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # Gather: until max_batch rows or max_wait after the oldest row.
+            # Gather: until max_batch rows, or max_wait after the batch opened: when its
+            # oldest row arrived, or when the model became free if that was later. Under
+            # load, the clients just answered send again at once: waiting for them fills
+            # the batch, where starting on the rows queued meanwhile would halve it.
             while len(self._rows) < self.max_batch and not self._closed:
-                wait = self.max_wait_s - (time.monotonic() - (self._first_at or 0.0))
+                opened = max(self._first_at or 0.0, self._free_at)
+                wait = self.max_wait_s - (time.monotonic() - opened)
                 if wait <= 0:
                     break
                 self._wake.clear()
@@ -147,6 +153,7 @@ class Batcher:
             for item in done:
                 self.metrics.texts.inc(len(item.request.texts))
                 self._finish(item)
+            self._free_at = time.monotonic()
 
     def _format(self, items: list[_Pending]) -> list[list[dict[str, Any]]]:
         return [self.predictor.format(np.stack(item.logits), tasks=item.request.tasks,

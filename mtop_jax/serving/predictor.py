@@ -141,7 +141,8 @@ def serving_length(path: Path, spec: ModelSpec) -> int:
 
 
 def load(path: str | Path, *, devices: Sequence[jax.Device] | None = None,
-         step: int | None = None, batch_size: int = 32) -> Predictor:
+         step: int | None = None, batch_size: int = 32,
+         batch_buckets: Sequence[int] | None = None) -> Predictor:
     """A :class:`Predictor` from a training workdir or an exported model directory."""
     from mtop_jax.models.pretrained import load_tokenizer
 
@@ -160,7 +161,8 @@ def load(path: str | Path, *, devices: Sequence[jax.Device] | None = None,
     params, step = restore_params(path, spec, sharding, step)
     tokenizer = load_tokenizer(path / "tokenizer")
     return Predictor(spec, params, tokenizer, max_length=serving_length(path, spec),
-                     batch_size=batch_size, sharding=sharding, step=step)
+                     batch_size=batch_size, sharding=sharding, step=step,
+                     batch_buckets=batch_buckets)
 
 
 class Predictor:
@@ -171,7 +173,10 @@ class Predictor:
 
     def __init__(self, spec: ModelSpec, params: nnx.State, tokenizer: Any, *, max_length: int,
                  batch_size: int = 32, sharding: jax.sharding.Sharding | None = None,
-                 step: int | None = None):
+                 step: int | None = None, batch_buckets: Sequence[int] | None = None):
+        """``batch_buckets``: the row counts a batch is padded to (default 1, 8 and
+        ``batch_size``; ``batch_size`` is always one), each rounded up to a multiple of the
+        device count. More buckets waste fewer padding rows and compile more programs."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
@@ -192,7 +197,14 @@ class Predictor:
                 mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
         self.length_buckets = tuple(sorted(
             {b for b in LENGTH_BUCKETS if b < self.max_length} | {self.max_length}))
-        self.batch_buckets = tuple(sorted({self._rows(b) for b in (1, 8, self.batch_size)}))
+        wanted = tuple(b for b in (1, 8) if b <= self.batch_size) if batch_buckets is None \
+            else tuple(batch_buckets)
+        if not all(isinstance(b, (int, np.integer)) and 1 <= b <= self.batch_size
+                   for b in wanted):
+            raise ConfigError(f"batch_buckets: positive integers up to batch_size "
+                              f"{self.batch_size}, got {list(wanted)}")
+        self.batch_buckets = tuple(sorted({self._rows(int(b))
+                                           for b in (*wanted, self.batch_size)}))
         graphdef = self.graphdef
         self._logits = jax.jit(lambda p, r, i, m, t: nnx.merge(graphdef, p, r).logits(i, m, t))
         self._features = jax.jit(

@@ -245,12 +245,25 @@ class CountRequests:
                 self.state.metrics.latency.observe(time.monotonic() - start)
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, then 8, 16, 32, ... up to ``max_batch`` (and it): a batch wastes under half its
+    rows on padding once it holds 8 texts. Under a steady load the batches are rarely
+    full (clients answered together send again together), so a bucket of 32 alone would
+    pad the typical batch of 16 from 32 clients to 32."""
+    out, b = [1], 8
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return sorted({*out, max_batch})
+
+
 def serve(model: str | Path, config: ServeConfig, *, devices: int | None = None) -> int:
     """Load ``model``, listen, compile, answer until SIGTERM or Ctrl-C; returns 0."""
     import mtop_jax
 
     chosen = jax.devices()[:devices] if devices else None
-    predictor = mtop_jax.load(model, batch_size=config.max_batch, devices=chosen)
+    predictor = mtop_jax.load(model, batch_size=config.max_batch, devices=chosen,
+                              batch_buckets=batch_buckets(config.max_batch))
     state = State(predictor, config, Path(model).resolve().name)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
