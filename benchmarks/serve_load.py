@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-texts", type=int, default=None, help="demo test texts used")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-buckets", default=None,
+                        help="the server's --batch-buckets (default: its own)")
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--out", default=None, help="write serve_load.json and .png here")
     parser.add_argument("--no-plot", action="store_true")
@@ -300,10 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = demo_texts(args.n_texts)
 
     log(f"starting the server on {args.model}")
-    server = ServerProcess(args.model, ["--max-batch", str(args.max_batch), "--max-wait-ms",
-                                        str(args.max_wait_ms), "--max-queue",
-                                        str(args.max_queue), "--max-texts",
-                                        str(max(args.texts_per_request))])
+    flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+             "--max-queue", str(args.max_queue), "--max-texts", str(max(args.texts_per_request))]
+    if args.batch_buckets:
+        flags += ["--batch-buckets", args.batch_buckets]
+    server = ServerProcess(args.model, flags)
     rows = []
     try:
         ready_s = server.wait_ready()
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"results": rows, "offline": off, "ready_s": ready_s, "predict_cold_start_s": cold,
               "compiles_after_ready": compiles, "server_exit_code": exit_code,
               "checks": found, "settings": {k: getattr(args, k) for k in (
-                  "max_batch", "max_wait_ms", "max_queue", "seconds", "quick")},
+                  "max_batch", "max_wait_ms", "max_queue", "seconds", "quick", "batch_buckets")},
               **environment(argv if argv is not None else sys.argv[1:])}
     if args.out:
         out = Path(args.out)

@@ -80,6 +80,18 @@ def _write_atomic(path: str, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    """``1,8,32`` -> (1, 8, 32)."""
+    try:
+        values = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, "
+                                         f"got {value!r}")
+    return values
+
+
 def _top_k(value: str) -> int | None:
     """``--top-k``: a positive count, or ``all``."""
     if value == "all":
@@ -193,7 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
         read_timeout_s=args.read_timeout, drain_timeout_s=args.drain_timeout,
-        token=server.read_token(args.token_file) if args.token_file else None)
+        token=server.read_token(args.token_file) if args.token_file else None,
+        batch_buckets=args.batch_buckets)
     return server.serve(args.model, config, devices=args.devices)
 
 
@@ -329,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer TOKEN' (the file's first line)")
     p.add_argument("--devices", type=int, default=None,
                    help="split each batch over the first N devices (default 1)")
+    p.add_argument("--batch-buckets", type=_int_list, default=None,
+                   help="row counts batches are padded to, compiled before ready, e.g. "
+                        "1,8,32 (default: 1,2,4 and every multiple of 8 up to --max-batch)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("embed", help="fixed text representations [h_1; ..; h_N] to .npy")

@@ -56,6 +56,7 @@ class ServeConfig:
     read_timeout_s: float = 30.0
     drain_timeout_s: float = 60.0
     token: str | None = None
+    batch_buckets: tuple[int, ...] | None = None  # None: batch_buckets(max_batch)
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_texts", "max_body_bytes"):
@@ -261,7 +262,8 @@ def serve(model: str | Path, config: ServeConfig, *, devices: int | None = None)
 
     chosen = jax.devices()[:devices] if devices else None
     predictor = mtop_jax.load(model, batch_size=config.max_batch, devices=chosen,
-                              batch_buckets=batch_buckets(config.max_batch))
+                              batch_buckets=config.batch_buckets or batch_buckets(
+                                  config.max_batch))
     state = State(predictor, config, Path(model).resolve().name)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
