@@ -270,8 +270,10 @@ def plot(rows: list[dict], off: dict, path: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    target = next((r for r in rows if r["concurrency"] == max(
-        x["concurrency"] for x in rows) and r["texts_per_request"] == 1), rows[0])
+    shown = TARGET_CONCURRENCY if any(r["concurrency"] == TARGET_CONCURRENCY for r in rows) \
+        else max(r["concurrency"] for r in rows)
+    target = next((r for r in rows if r["concurrency"] == shown
+                   and r["texts_per_request"] == 1), rows[0])
     hist = target["batch_sizes"]
     axes[2].bar(range(len(hist)), list(hist.values()))
     axes[2].set_xticks(range(len(hist)), [f"<={k}" for k in hist], fontsize=8)

@@ -93,15 +93,16 @@ class Histogram:
 class Metrics:
     """Everything ``/metrics`` shows."""
 
-    def __init__(self, max_batch: int):
+    def __init__(self, batch_buckets: Sequence[int]):
+        """``batch_buckets``: the predictor's, so that the batch-size histogram counts the
+        forward passes of each compiled batch size."""
         self.requests = Counter("mtop_requests_total", "HTTP requests answered, by path "
                                                        "and status code")
         self.latency = Histogram("mtop_request_latency_seconds",
                                  "Time from receiving a /v1/predict request to answering it",
                                  LATENCY_BUCKETS)
-        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
         self.batch_size = Histogram("mtop_batch_size_texts", "Texts per forward pass",
-                                    [s for s in sizes if s <= max_batch])
+                                    sorted({1, *batch_buckets}))
         self.queue_depth = Gauge("mtop_queue_depth", "Requests waiting or being computed")
         self.texts = Counter("mtop_texts_total", "Texts answered")
         self.compiles = Counter("mtop_compiles_total", "XLA programs lowered, by phase "

@@ -83,7 +83,7 @@ class State:
 
     def __init__(self, predictor: Any, config: ServeConfig, name: str):
         self.predictor, self.config, self.name = predictor, config, name
-        self.metrics = Metrics(config.max_batch)
+        self.metrics = Metrics(predictor.batch_buckets)
         self.ready = False
         self.draining = False
         self.batcher: Batcher | None = None
