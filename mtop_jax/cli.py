@@ -144,7 +144,13 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
         from mtop_jax.data.local_files import read_records
 
         raw = read_records(path, (), text_field=args.text_field, id_field=args.id_field)
-        return list(raw.texts), list(raw.ids)
+        if fmt != "jsonl":
+            return list(raw.texts), list(raw.ids)
+        # JSON ids pass through as they are (7 stays 7), not as read_records' strings.
+        from mtop_jax.data.local_files import _jsonl_records
+
+        ids = [get(0) for _, get in _jsonl_records(path, [args.id_field], None)]
+        return list(raw.texts), ids
 
     if source != "-":
         path = Path(source)
@@ -311,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "- or absent: stdout")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default=None,
-                   help="a field of each JSONL/CSV record copied into its output line")
+                   help="a field of each JSONL/CSV record copied into its output line "
+                        "(JSON values as they are)")
     p.add_argument("--task", action="append", default=None,
                    help="answer this task (repeatable, in this order); default: all")
     p.add_argument("--top-k", type=_top_k, default=1,

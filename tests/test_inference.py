@@ -335,12 +335,13 @@ def test_cli_predict_reads_stdin_writes_stdout_passes_ids_and_prints_no_warnings
     assert [r.getMessage() for r in caplog.records] == [] and "WARNING" not in err
 
     records = tmp_path / "in.jsonl"
-    records.write_text("\n".join(json.dumps({"uid": f"u{i}", "text": t, "section": "x"})
-                                 for i, t in enumerate(TEXTS)))
+    uids = [7, "u1", 2.5, True, "u4"]  # passed through as they are
+    records.write_text("\n".join(json.dumps({"uid": u, "text": t, "section": "x"})
+                                 for u, t in zip(uids, TEXTS)))
     assert main(["predict", "--model", str(workdir), "--input", str(records),
                  "--id-field", "uid", "--top-k", "all", "--output", "-"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["uid"] for x in lines] == [f"u{i}" for i in range(len(TEXTS))]
+    assert [x["uid"] for x in lines] == uids
     assert [x["text"] for x in lines] == TEXTS  # a task may be named "text": not echoed over
     assert [x["predictions"] for x in lines] == predictor.predict(TEXTS, top_k=None)
     for bad, message in ((["--id-field", "nope"], "id field 'nope' is missing"),

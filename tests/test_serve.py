@@ -215,6 +215,21 @@ def test_every_status_code_with_a_message_naming_the_field(server):
     assert m['mtop_requests_total{code="404",path="other"}'] >= 1
 
 
+def test_bad_flags_are_refused_before_listening(model_dir, tmp_path, capsys):
+    from mtop_jax.cli import main
+
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    for flags, message in ((["--max-batch", "0"], "--max-batch: must be at least 1"),
+                           (["--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
+                           (["--token-file", str(empty)], "empty"),
+                           (["--token-file", str(tmp_path / "none")], "No such file"),
+                           (["--max-batch", "8", "--batch-buckets", "16"], "batch_buckets"),
+                           (["--host", "256.0.0.1"], "--host 256.0.0.1")):
+        assert main(["serve", str(model_dir), "--port", "0", *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+
+
 # ------------------------------------------------------------------------ clients
 
 

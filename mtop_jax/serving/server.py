@@ -257,21 +257,29 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def serve(model: str | Path, config: ServeConfig, *, devices: int | None = None) -> int:
-    """Load ``model``, listen, compile, answer until SIGTERM or Ctrl-C; returns 0."""
+    """Load ``model``, listen, compile, answer until SIGTERM or Ctrl-C; returns 0.
+
+    The address is bound first, so that a taken port or a bad host fails before the
+    model is loaded; connections are accepted from when the model is loaded."""
     import mtop_jax
 
-    chosen = jax.devices()[:devices] if devices else None
-    predictor = mtop_jax.load(model, batch_size=config.max_batch, devices=chosen,
-                              batch_buckets=config.batch_buckets or batch_buckets(
-                                  config.max_batch))
-    state = State(predictor, config, Path(model).resolve().name)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((config.host, config.port))
-    except OSError as e:
-        raise ConfigError(f"--host {config.host} --port {config.port}: {e.strerror}") from None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.host, config.port))
+        except OSError as e:
+            raise ConfigError(f"--host {config.host} --port {config.port}: "
+                              f"{e.strerror}") from None
+        chosen = jax.devices()[:devices] if devices else None
+        predictor = mtop_jax.load(model, batch_size=config.max_batch, devices=chosen,
+                                  batch_buckets=config.batch_buckets or batch_buckets(
+                                      config.max_batch))
+    except BaseException:
+        sock.close()
+        raise
+    state = State(predictor, config, Path(model).resolve().name)
     sock.listen(2048)
     sock.set_inheritable(True)
 
