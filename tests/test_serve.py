@@ -230,6 +230,35 @@ def test_bad_flags_are_refused_before_listening(model_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err, flags
 
 
+def test_a_failed_compile_stops_the_server_instead_of_never_being_ready(predictor):
+    """In-process: the warm-up raises (as an out-of-memory would); the server is told
+    to exit, and is never ready."""
+    from types import SimpleNamespace
+
+    from mtop_jax.serving.batcher import Batcher
+    from mtop_jax.serving.server import ServeConfig, State
+
+    class Broken(SimpleNamespace):
+        def warm_up(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore lines")
+
+    broken = Broken(batch_buckets=predictor.batch_buckets,
+                    length_buckets=predictor.length_buckets)
+    state = State(broken, ServeConfig(), "model")
+    state.server = SimpleNamespace(should_exit=False)
+
+    async def run():
+        state.batcher = Batcher(broken, state.metrics, max_batch=8, max_wait_s=0.005,
+                                max_queue=4)
+        state.batcher.start()
+        await state.warm_up()
+        await state.batcher.drain()
+
+    asyncio.run(run())
+    assert state.server.should_exit and not state.ready
+    assert state.failed == "RuntimeError: RESOURCE_EXHAUSTED: out of memory"
+
+
 # ------------------------------------------------------------------------ clients
 
 

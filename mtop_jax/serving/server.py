@@ -88,6 +88,8 @@ class State:
         self.draining = False
         self.batcher: Batcher | None = None
         self.warm_task: asyncio.Task | None = None
+        self.failed: str | None = None  # why compiling failed: the server then stops
+        self.server: Any = None  # the uvicorn server, told to exit on such a failure
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
@@ -95,9 +97,19 @@ class State:
             self.metrics.compiles.inc(phase="serving" if self.ready else "warmup")
 
     async def warm_up(self) -> None:
+        """Compile every bucket on the forward thread, then say ready; if that fails (out
+        of memory, a broken backend) the server stops, exit 1, rather than stay alive
+        and never ready."""
         start = time.monotonic()
         loop = asyncio.get_running_loop()
-        n = await loop.run_in_executor(self.batcher._pool, self.predictor.warm_up)
+        try:
+            n = await loop.run_in_executor(self.batcher._pool, self.predictor.warm_up)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"error: compiling the forward passes failed ({self.failed}); stopping")
+            if self.server is not None:
+                self.server.should_exit = True
+            return
         self.ready = True
         self.metrics.ready.set(1)
         log(f"ready: {n} forward programs (batch buckets {list(self.predictor.batch_buckets)}"
@@ -180,6 +192,8 @@ def build_app(state: State) -> CountRequests:
         return JSONResponse({"status": "alive"})
 
     async def readyz(request: Request) -> Response:
+        if state.failed:
+            return _error(503, f"compiling failed: {state.failed}")
         if state.draining:
             return _error(503, "shutting down")
         if not state.ready:
@@ -257,7 +271,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def serve(model: str | Path, config: ServeConfig, *, devices: int | None = None) -> int:
-    """Load ``model``, listen, compile, answer until SIGTERM or Ctrl-C; returns 0.
+    """Load ``model``, listen, compile, answer until SIGTERM or Ctrl-C; returns 0 (1 if
+    compiling failed).
 
     The address is bound first, so that a taken port or a bad host fails before the
     model is loaded; connections are accepted from when the model is loaded."""
@@ -289,9 +304,10 @@ def serve(model: str | Path, config: ServeConfig, *, devices: int | None = None)
     host, port = sock.getsockname()[:2]
     log(f"listening on http://{host}:{port} (model {state.name}, step {predictor.step}, "
         f"tasks {list(predictor.task_names)}, {len(predictor.devices)} device(s))")
+    state.server = server
     server.run(sockets=[sock])
     log("stopped")
-    return 0
+    return 1 if state.failed else 0
 
 
 class _Server(uvicorn.Server):
