@@ -434,6 +434,8 @@ def test_bearer_token_and_a_full_queue(model_dir, tmp_path):
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert httpx.get(srv.url + "/metrics", headers=headers).status_code == 401
         assert post(srv, {"texts": ["a"]}, headers=good).status_code == 200
+        assert post(srv, {"texts": ["a"]},  # the scheme is case-insensitive (RFC 6750)
+                    headers={"Authorization": "bearer s3cret"}).status_code == 200
         # 40 clients at once against a queue of 2 requests of 8 texts (a batch is 1 text).
         answers = asyncio.run(hammer(srv.url, [{"texts": POOL[:8]}] * 40, 40, good))
         codes = [a[0] for a in answers]

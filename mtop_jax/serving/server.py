@@ -128,13 +128,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def build_app(state: State) -> CountRequests:
     """The Starlette application over ``state``."""
     config = state.config
-    expected = f"Bearer {config.token}".encode() if config.token else None
+    expected = config.token.encode() if config.token else None
 
     def authorized(request: Request) -> bool:
         if expected is None:
             return True
-        given = request.headers.get("authorization", "").encode("latin-1", "replace")
-        return hmac.compare_digest(given, expected)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("latin-1", "replace"), expected)
 
     def unauthorized():
         return _error(401, "authorization: a bearer token is required",
@@ -173,6 +174,8 @@ def build_app(state: State) -> CountRequests:
             return unavailable("shutting down")
         if not state.ready:
             return unavailable("not ready: compiling")
+        if state.batcher.depth >= config.max_queue:  # before reading the body: shed load
+            return unavailable(f"queue full ({config.max_queue} requests)")
         try:
             body = await read_body(request)
             parsed = parse_request(body, state.predictor, max_texts=config.max_texts)
