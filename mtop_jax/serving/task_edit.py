@@ -123,7 +123,7 @@ def add_task(predictor: Predictor, data_file: str | Path, task: str, field: str 
     progress = tqdm(range(steps), desc=f"add-task {task}", dynamic_ncols=True)
     for _ in progress:
         rows = rng.choice(labelled, size=min(batch_size, len(labelled)), replace=False)
-        batch = tmp.encode([texts[i] for i in rows])
+        batch = tmp.tokenize([texts[i] for i in rows])
         n = len(rows)
         params, opt_state, loss = step(params, opt_state, batch["input_ids"][:n],
                                        batch["attention_mask"][:n],

@@ -48,6 +48,15 @@ T = TypeVar("T")
 DELETED = "deleted"
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    """orbax logs a WARNING each time a manager opens a directory read-only (every load
+    of a workdir); it is what was asked for, not news."""
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
+
+
 class CheckpointError(MtopError):
     """A checkpoint that could not be written, or no readable checkpoint to restore."""
 
@@ -65,11 +74,15 @@ class Checkpoints:
             keep_policies.append(policies.BestN(
                 get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "max", n=1,
                 keep_checkpoints_without_metrics=False))
+        # Read-only: none of the writing options, which orbax would otherwise reset with a
+        # WARNING line each (four on every `predict` of a workdir).
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             enable_async_checkpointing=async_save, read_only=read_only,
-            create=not read_only, cleanup_tmp_directories=True,
-            todelete_subdir=DELETED)  # (ignored on GCS, where deletes are per object)
+            create=not read_only, cleanup_tmp_directories=not read_only,
+            save_interval_steps=0 if read_only else 1,
+            # (ignored on GCS, where deletes are per object)
+            todelete_subdir=None if read_only else DELETED)
         # Handlers named (not only the items) so that item_metadata() can read a step's tree.
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
