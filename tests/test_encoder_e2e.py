@@ -41,12 +41,14 @@ def test_train_then_predict(encoder, model_type, tmp_path, capsys):
     assert spec["encoder"]["model_type"] == model_type
     capsys.readouterr()
     assert main(["predict", "--model", str(workdir), "--text", TEXTS[0], "--text",
-                 TEXTS[1]]) == 0
+                 TEXTS[1], "--top-k", "all"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["text"] for x in lines] == TEXTS
     for line in lines:
         for task in ("implemented_in", "interface", "role", "section"):
-            assert abs(sum(line[task]["probabilities"].values()) - 1) < 1e-5
+            answer = line["predictions"][task]
+            assert answer["top_k"][0] == [answer["label"], answer["score"]]
+            assert abs(sum(score for _, score in answer["top_k"]) - 1) < 1e-5
     if not encoder.startswith("random:"):
         # the directory's own tokenizer, with the family's special tokens, went with the model
         tok = pretrained.load_tokenizer(workdir / "tokenizer")

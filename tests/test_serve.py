@@ -182,7 +182,7 @@ def test_every_status_code_with_a_message_naming_the_field(server):
         (b"\xff\xfe", 400, "body: not UTF-8"),
         (b"", 400, "body: malformed JSON"),
         ([1, 2], 400, "body: expected a JSON object"),
-        ({"text": ["a"]}, 400, "text: unknown field"),
+        ({"text": ["a"]}, 400, "body: unknown field 'text'"),
         ({}, 400, "texts: required"),
         ({"texts": "one string"}, 400, "texts: expected a list of strings, got string"),
         ({"texts": ["ok", 3]}, 400, "texts[1]: expected a string, got integer"),

@@ -47,7 +47,8 @@ def parse_request(body: bytes, predictor: Any, *, max_texts: int) -> PredictRequ
                                 f"{_json_type(data)}")
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
-        raise RequestError(400, f"{unknown[0][:100]}: unknown field; expected {list(FIELDS)}")
+        raise RequestError(400, f"body: unknown field {unknown[0][:100]!r}; expected "
+                                f"{list(FIELDS)}")
     if "texts" not in data:
         raise RequestError(400, "texts: required (a list of strings)")
     texts = data["texts"]
