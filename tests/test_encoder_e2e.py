@@ -1,7 +1,8 @@
-"""``mtop-jax train`` then ``predict`` on the encoder families beyond BERT (ModernBERT,
-DeBERTa-v3): a random tiny model (MiniLM's tokenizer) and a local Hugging Face
+"""``mtop-jax train`` then ``predict`` on every encoder family: a random tiny model
+(MiniLM's tokenizer) of ModernBERT and DeBERTa-v3, and each family's local Hugging Face
 directory (config, safetensors and tokenizer.json written by
-tests/reference/record_encoder_references.py)."""
+tests/reference/record_encoder_references.py). The BERT-layout directories but
+RoBERTa's run under ``make test-all`` (MiniLM's real directory is the CI's)."""
 
 import contextlib
 import io
@@ -18,8 +19,13 @@ REFERENCES = ROOT / "tests" / "reference" / "encoders"
 TEXTS = ["GNU C library: shared libraries", "Python bindings for the GTK toolkit"]
 
 
-# model directory -> its tokenizer's (CLS, SEP) ids: ModernBERT's order, DeBERTa-v3's
-SPECIAL_IDS = {"modernbert": (2, 3), "deberta-v3": (1, 2)}
+BERT = ("[CLS]", "[SEP]", "[PAD]", 2, 3)
+ROBERTA = ("<s>", "</s>", "<pad>", 0, 2)
+# model directory -> its tokenizer's (CLS, SEP, PAD) tokens and (CLS, SEP) ids
+SPECIAL = {"bert": BERT, "electra": BERT, "distilbert": BERT, "modernbert": BERT,
+           "roberta": ROBERTA, "xlm-roberta": ROBERTA,
+           "deberta-v3": ("[CLS]", "[SEP]", "[PAD]", 1, 2)}
+SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("encoder,model_type", [
@@ -27,6 +33,11 @@ SPECIAL_IDS = {"modernbert": (2, 3), "deberta-v3": (1, 2)}
     (str(REFERENCES / "modernbert"), "modernbert"),
     ("random:deberta-v3-tiny", "deberta-v2"),
     (str(REFERENCES / "deberta-v3"), "deberta-v2"),
+    (str(REFERENCES / "roberta"), "roberta"),
+    pytest.param(str(REFERENCES / "bert"), "bert", marks=SLOW),
+    pytest.param(str(REFERENCES / "xlm-roberta"), "xlm-roberta", marks=SLOW),
+    pytest.param(str(REFERENCES / "electra"), "electra", marks=SLOW),
+    pytest.param(str(REFERENCES / "distilbert"), "distilbert", marks=SLOW),
 ])
 def test_train_then_predict(encoder, model_type, tmp_path, capsys):
     workdir = tmp_path / "run"
@@ -52,8 +63,8 @@ def test_train_then_predict(encoder, model_type, tmp_path, capsys):
     if not encoder.startswith("random:"):
         # the directory's own tokenizer, with the family's special tokens, went with the model
         tok = pretrained.load_tokenizer(workdir / "tokenizer")
-        assert (tok.cls_token, tok.sep_token, tok.pad_token) == ("[CLS]", "[SEP]", "[PAD]")
+        *tokens, cls_id, sep_id = SPECIAL[Path(encoder).name]
+        assert [tok.cls_token, tok.sep_token, tok.pad_token] == tokens
         ids = tok("gnu c library")["input_ids"]
-        cls_id, sep_id = SPECIAL_IDS[Path(encoder).name]
         assert ids[0] == tok.cls_token_id == cls_id and ids[-1] == tok.sep_token_id == sep_id
         assert len(ids) == 5 and tok.unk_token_id not in ids

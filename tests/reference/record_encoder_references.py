@@ -24,6 +24,11 @@ LayerNorm scales and zero-initialised biases are tested too) and writes into
   xlm-roberta), its ``pooler_output``; ``versions`` says which torch and
   transformers recorded them.
 
+Every family's directory also holds a ``tokenizer.json`` (``save_tokenizer``: a
+word-level vocabulary of the ids 0..99 with the family's special tokens at the ids
+the reference batch uses), so that each is a complete local model directory for
+``mtop-jax train`` and ``predict``; ``--tokenizers-only`` rewrites just those (no torch).
+
 ``modernbert`` is recorded from a ``ModernBertForSequenceClassification`` (3
 layers: global, local, local with a window of +-2 positions, so that the
 reference batch feels it; no biases, as ModernBERT has none; mean pooling):
@@ -49,23 +54,15 @@ the "c2p|p2c" string older files hold, saved as a list).
 from pathlib import Path
 
 import numpy as np
-import torch
 import transformers
 from transformers import (
     BertConfig,
-    BertModel,
     DebertaV2Config,
-    DebertaV2ForSequenceClassification,
     DistilBertConfig,
-    DistilBertModel,
     ElectraConfig,
-    ElectraModel,
     ModernBertConfig,
-    ModernBertForSequenceClassification,
     RobertaConfig,
-    RobertaModel,
     XLMRobertaConfig,
-    XLMRobertaModel,
 )
 
 DEST = Path(__file__).with_name("encoders")
@@ -78,25 +75,26 @@ BERT_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
 ROBERTA_LIKE = dict(BERT_LIKE, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                     type_vocab_size=1, layer_norm_eps=1e-5)
 
-# family -> (config, model class, cls/bos id, sep/eos id, pad id, has token types)
+# family -> (config, transformers' model class name, cls/bos id, sep/eos id, pad id,
+#           has token types)
 FAMILIES = {
-    "bert": (BertConfig(**BERT_LIKE), BertModel, 2, 3, 0, True),
-    "roberta": (RobertaConfig(**ROBERTA_LIKE), RobertaModel, 0, 2, 1, True),
-    "xlm-roberta": (XLMRobertaConfig(**ROBERTA_LIKE), XLMRobertaModel, 0, 2, 1, True),
-    "electra": (ElectraConfig(**BERT_LIKE, embedding_size=HIDDEN), ElectraModel, 2, 3, 0,
+    "bert": (BertConfig(**BERT_LIKE), "BertModel", 2, 3, 0, True),
+    "roberta": (RobertaConfig(**ROBERTA_LIKE), "RobertaModel", 0, 2, 1, True),
+    "xlm-roberta": (XLMRobertaConfig(**ROBERTA_LIKE), "XLMRobertaModel", 0, 2, 1, True),
+    "electra": (ElectraConfig(**BERT_LIKE, embedding_size=HIDDEN), "ElectraModel", 2, 3, 0,
                 True),
     "distilbert": (DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
                                     n_heads=HEADS, hidden_dim=INTERMEDIATE,
                                     max_position_embeddings=POSITIONS, activation="gelu",
                                     sinusoidal_pos_embds=False, pad_token_id=0),
-                   DistilBertModel, 2, 3, 0, False),
+                   "DistilBertModel", 2, 3, 0, False),
     "modernbert": (ModernBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3,
                                     num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
                                     max_position_embeddings=POSITIONS, local_attention=4,
                                     global_attn_every_n_layers=3, classifier_pooling="mean",
                                     pad_token_id=0, bos_token_id=2, cls_token_id=2,
                                     eos_token_id=3, sep_token_id=3, num_labels=2),
-                   ModernBertForSequenceClassification, 2, 3, 0, False),
+                   "ModernBertForSequenceClassification", 2, 3, 0, False),
 }
 DEBERTA_LIKE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
                     intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS,
@@ -106,16 +104,22 @@ FAMILIES.update({
                                    pos_att_type=["p2c", "c2p"], share_att_key=True,
                                    norm_rel_ebd="layer_norm", position_biased_input=False,
                                    type_vocab_size=0, layer_norm_eps=1e-7),
-                   DebertaV2ForSequenceClassification, 1, 2, 0, False),
+                   "DebertaV2ForSequenceClassification", 1, 2, 0, False),
     "deberta-v2": (DebertaV2Config(**{**DEBERTA_LIKE, "hidden_size": 16, "num_attention_heads": 2,
                                       "intermediate_size": 20}, num_hidden_layers=1,
                                    max_relative_positions=6, pos_att_type="c2p|p2c",
                                    share_att_key=False, position_biased_input=True,
                                    type_vocab_size=2),
-                   DebertaV2ForSequenceClassification, 1, 2, 0, True),
+                   "DebertaV2ForSequenceClassification", 1, 2, 0, True),
 })
-#: the special tokens of each family's tokenizer.json, in id order from 0
-SPECIAL = {"modernbert": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+#: the special tokens of each family's tokenizer.json, in id order from 0 (the ids the
+#: reference batch uses: BERT's layout [CLS]=2 [SEP]=3 [PAD]=0, RoBERTa's <s>=0 <pad>=1
+#: </s>=2)
+BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+ROBERTA_SPECIAL = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+SPECIAL = {"bert": BERT_SPECIAL, "electra": BERT_SPECIAL, "distilbert": BERT_SPECIAL,
+           "roberta": ROBERTA_SPECIAL, "xlm-roberta": ROBERTA_SPECIAL,
+           "modernbert": BERT_SPECIAL,
            "deberta-v3": ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")}
 WORDS = ("the", "a", "of", "and", "to", "in", "is", "for", "with", "on", "library", "data",
          "tool", "file", "system", "server", "client", "python", "gnu", "c", "shared", "web",
@@ -140,7 +144,10 @@ def batch(cls_id: int, sep_id: int, pad_id: int, type_vocab_size: int):
 
 
 def record(family: str) -> None:
+    import torch
+
     config, model_cls, cls_id, sep_id, pad_id, has_types = FAMILIES[family]
+    model_cls = getattr(transformers, model_cls)
     torch.manual_seed(list(FAMILIES).index(family))  # each family its own weights
     model = model_cls._from_config(config, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
@@ -180,31 +187,45 @@ def record(family: str) -> None:
 
 
 def save_tokenizer(directory: Path, special: tuple[str, ...]) -> None:
-    """A word-level tokenizer over ids 0..VOCAB-1 with the family's special tokens."""
+    """A word-level tokenizer over ids 0..VOCAB-1 with the family's special tokens
+    (BERT's [CLS] text [SEP], or RoBERTa's <s> text </s>)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    roberta = "<s>" in special
+    cls, sep, pad, unk, mask = (("<s>", "</s>", "<pad>", "<unk>", "<mask>") if roberta else
+                                ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"))
     vocab = {t: i for i, t in enumerate(special)}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     vocab.update({f"w{i}": i for i in range(len(vocab), VOCAB)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    pair = f"{cls} $A {sep} {sep} $B {sep}" if roberta else f"{cls} $A {sep} $B {sep}"
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single=f"{cls} $A {sep}", pair=pair,
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=POSITIONS,
+        tokenizer_object=tok, pad_token=pad, unk_token=unk, cls_token=cls, sep_token=sep,
+        mask_token=mask, bos_token=cls if roberta else None, eos_token=sep if roberta else None,
+        model_max_length=POSITIONS,
     ).save_pretrained(str(directory))
 
 
 def main() -> None:
+    """``[--tokenizers-only] [FAMILY ...]``: record the families (default: all), or only
+    rewrite their tokenizer.json (no torch needed)."""
     import sys
 
-    for family in sys.argv[1:] or FAMILIES:
-        record(family)
+    args = sys.argv[1:]
+    only_tokenizers = "--tokenizers-only" in args
+    for family in [a for a in args if a != "--tokenizers-only"] or FAMILIES:
+        if only_tokenizers:
+            if family in SPECIAL:
+                save_tokenizer(DEST / family, SPECIAL[family])
+        else:
+            record(family)
 
 
 if __name__ == "__main__":
