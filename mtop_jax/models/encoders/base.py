@@ -73,6 +73,21 @@ def layer_norm(size: int, eps: float, rngs: nnx.Rngs, *, use_bias: bool = True,
     )
 
 
+class HFNames(dict):
+    """Hugging Face tensor name -> (NNX parameter path, transpose?): every family's
+    weight-name map is built with these two rules (torch Linear weights are [out, in])."""
+
+    def linear(self, hf: str, path: tuple[Any, ...], bias: bool = True) -> None:
+        self[f"{hf}.weight"] = ((*path, "kernel"), True)
+        if bias:
+            self[f"{hf}.bias"] = ((*path, "bias"), False)
+
+    def norm(self, hf: str, path: tuple[Any, ...], bias: bool = True) -> None:
+        self[f"{hf}.weight"] = ((*path, "scale"), False)
+        if bias:
+            self[f"{hf}.bias"] = ((*path, "bias"), False)
+
+
 class EncoderLayer(nnx.Module):
     """One layer of a family, in the parts MTOP reuses (see the module docstring)."""
 

@@ -145,15 +145,8 @@ class Encoder(base.Encoder):
 
 def hf_names(cfg: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
     """Hugging Face tensor name -> (NNX parameter path, transpose?)."""
-    names: dict[str, tuple[tuple[Any, ...], bool]] = {}
-
-    def linear(hf: str, path: tuple[Any, ...]):
-        names[f"{hf}.weight"] = ((*path, "kernel"), True)
-        names[f"{hf}.bias"] = ((*path, "bias"), False)
-
-    def norm(hf: str, path: tuple[Any, ...]):
-        names[f"{hf}.weight"] = ((*path, "scale"), False)
-        names[f"{hf}.bias"] = ((*path, "bias"), False)
+    names = base.HFNames()
+    linear, norm = names.linear, names.norm
 
     emb = ["word_embeddings", "position_embeddings"]
     if cfg.type_vocab_size:

@@ -136,17 +136,11 @@ class Encoder(base.Encoder):
 def hf_names(cfg: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
     """Hugging Face tensor name -> (NNX parameter path, transpose?); ``head.*`` (of the
     masked-LM and classification checkpoints) is the pooler."""
-    names: dict[str, tuple[tuple[Any, ...], bool]] = {}
-
-    def linear(hf: str, path: tuple[Any, ...], bias: bool):
-        names[f"{hf}.weight"] = ((*path, "kernel"), True)
-        if bias:
-            names[f"{hf}.bias"] = ((*path, "bias"), False)
+    names = base.HFNames()
+    linear = names.linear
 
     def norm_(hf: str, path: tuple[Any, ...]):
-        names[f"{hf}.weight"] = ((*path, "scale"), False)
-        if cfg.norm_bias:
-            names[f"{hf}.bias"] = ((*path, "bias"), False)
+        names.norm(hf, path, bias=cfg.norm_bias)
 
     names["embeddings.tok_embeddings.weight"] = (("embeddings", "word_embeddings",
                                                   "embedding"), False)
