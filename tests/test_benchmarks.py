@@ -45,8 +45,13 @@ def test_forward_passes_quick(tmp_path, capsys):
     flops = {k: r["flops_per_seq"] for k, r in rows.items()}
     assert flops[("mtop", 4)] < 0.5 * flops[("prefix", 4)]
     assert flops[("shared", 4)] <= 1.01 * flops[("shared", 1)]  # N heads only
-    for mode in ("prefix", "single"):  # N passes
+    for mode in ("prefix", "prefix-folded", "single", "single-folded"):  # N passes
         assert flops[(mode, 4)] == pytest.approx(4 * flops[(mode, 1)], rel=0.05)
+    # prefix and single as users run them: N calls of B rows, the same work as folded
+    assert rows[("prefix", 4)]["passes"] == rows[("single", 4)]["passes"] == 4
+    assert rows[("prefix-folded", 4)]["passes"] == 1
+    for mode in ("prefix", "single"):
+        assert flops[(mode, 4)] == pytest.approx(flops[(f"{mode}-folded", 4)], rel=0.05)
     assert flops[("mtop-dense", 4)] > flops[("mtop", 4)]  # the (L + NP)^2 attention
     cost = next(c for c in saved["cost_per_task"] if c["mode"] == "mtop")
     assert cost["slope_flops"] == pytest.approx(cost["p_over_l"], rel=0.3)  # P/L = 2/16
