@@ -70,9 +70,9 @@ from benchmarks.common import (
     summarize,
     time_calls,
     tree_bytes,
+    with_new_task_variables,
     write_json,
 )
-from mtop_jax.models.axes import is_per_task
 from mtop_jax.models.config import PRESETS
 from mtop_jax.models.multitask import ModelConfig, MultiTaskModel
 
@@ -269,20 +269,7 @@ def task_states(abstract_state, n: int, *, share_backbone: bool) -> list:
     if not share_backbone:
         return [random_state(abstract_state, seed=t) for t in range(n)]
     base = random_state(abstract_state, seed=0)
-    flat = nnx.to_flat_state(base)
-    out = [base]
-
-    def fresh(var, rng: np.random.Generator):
-        value = var.get_value()
-        if not is_per_task(var) or not jnp.issubdtype(value.dtype, jnp.floating):
-            return var
-        draw = 0.02 * rng.standard_normal(value.shape, np.float32)
-        return var.replace(jnp.asarray(draw.astype(value.dtype)))
-
-    for t in range(1, n):
-        rng = np.random.default_rng(t)
-        out.append(nnx.from_flat_state([(path, fresh(var, rng)) for path, var in flat]))
-    return out
+    return [base, *(with_new_task_variables(base, seed=t) for t in range(1, n))]
 
 
 def skipped(row: dict[str, Any], reason: str) -> dict[str, Any]:
