@@ -97,7 +97,7 @@ INFO_RATIOS = (
 )
 
 FULL = dict(tasks="8,16", length=128, batch=32, prompts=4, rounds=3, calls=3, warmup=1,
-            predict_tasks=8, predict_texts=256)
+            predict_tasks=8, predict_texts=128)
 QUICK = dict(tasks="2", length=16, batch=4, prompts=2, rounds=1, calls=1, warmup=1,
              predict_tasks=2, predict_texts=8)
 
@@ -143,7 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "prompts and heads")
     p.add_argument("--predict-tasks", type=int, help="tasks of the built model (default 8)")
     p.add_argument("--predict-texts", type=int, help="texts per end-to-end call, from the "
-                   "demo set's test split (default 256)")
+                   "demo set's test split (default 128)")
     p.add_argument("--predict-length", type=int,
                    help="max length of the built model and of the pipelines' truncation "
                         "(default --length; a given model keeps its own)")
@@ -296,6 +296,24 @@ def torch_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray
             out.append(Variant("peft-prefix", n, args.batch, n, call,
                                f"{n} passes, one PrefixTuningConfig adapter each"))
     return out
+
+
+def pooled_difference(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Max |PyTorch - JAX| of the pooled [CLS] output on the timed batch: evidence that both
+    sides run the same weights and the same function (fp32 agrees to about 1e-5)."""
+    torch = import_torch()
+    from transformers import AutoModel
+
+    from mtop_jax.models.pretrained import load_encoder, resolve_model_dir
+
+    encoder, _ = load_encoder(args.model)
+    graphdef, state = nnx.split(encoder)
+    pooled = jax.jit(lambda st, i, m: nnx.merge(graphdef, st)(i, m)[1])(state, ids, mask)
+    hf = AutoModel.from_pretrained(str(resolve_model_dir(args.model))).float().eval()
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.from_numpy(np.asarray(ids, np.int64)),
+                 attention_mask=torch.from_numpy(np.asarray(mask, np.int64))).pooler_output
+    return float(np.abs(np.asarray(pooled) - ref.numpy()).max())
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -467,6 +485,9 @@ def report(rows: Sequence[dict[str, Any]], found: Sequence[dict[str, Any]],
                  **{k: env.get(k, "-") for k in ("jax_version", "torch_version",
                                                  "transformers_version", "peft_version",
                                                  "torch_threads")}),
+             *([f"Same weights: PyTorch and JAX pooled outputs differ by at most "
+                f"{env['pooled_max_abs_diff_torch_vs_jax']:.2g} on the timed batch."]
+               if "pooled_max_abs_diff_torch_vs_jax" in env else []),
              "seq/s: sequences answered for all N tasks per second (each round: the median "
              f"of {args.calls} calls); spread: (max - min) / median over the rounds.", ""]
     table = []
@@ -557,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     variants: list[Variant] = []
     predict_info = None
+    if {"torch-shared", "jax-shared"} <= set(args.variants):
+        env["pooled_max_abs_diff_torch_vs_jax"] = pooled_difference(args, ids, mask)
     with tempfile.TemporaryDirectory(prefix="peers-") as scratch:
         if any(v in TORCH_VARIANTS[:2] for v in args.variants):
             variants += torch_variants(args, ids, mask)

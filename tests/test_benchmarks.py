@@ -246,6 +246,7 @@ def test_peers_quick_against_pytorch_peft_and_pipelines(tmp_path, capsys):
     assert rows[("peft-prefix", 2)]["passes"] == rows[("hf-pipelines", 2)]["passes"] == 2
     assert all(r["seq_per_s"] > 0 for r in rows.values())
     assert {"torch_version", "peft_version", "torch_threads"} <= set(result)
+    assert result["pooled_max_abs_diff_torch_vs_jax"] < 1e-4  # the same weights, both sides
     names = {(c["name"], c["tasks"]) for c in result["checks"]}
     assert ("JAX shared vs PyTorch shared", 2) in names
     assert ("JAX prefix vs PEFT prefix (both N passes)", 2) in names
