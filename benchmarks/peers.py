@@ -510,6 +510,9 @@ def report(rows: Sequence[dict[str, Any]], found: Sequence[dict[str, Any]],
         lines.append(f"- {verdict}: {c['name']} at N={c['tasks']} ({c['variant']} / "
                      f"{c['against']}): {c['value']:.3g}x [{c['min']:.3g}, "
                      f"{c['max']:.3g}]{need}")
+    note = busy_note(rows, env)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -568,9 +571,39 @@ def versions(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def load_average() -> float | None:
+    """The 1-minute load average: other jobs on the CPU skew torch's OpenMP threads
+    (which wait on each other at every operator) far more than XLA's."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_note(rows: Sequence[dict[str, Any]], env: dict[str, Any]) -> str | None:
+    """A warning when the machine was busy or the rounds disagree: numbers not to report."""
+    notes = []
+    cpus = env.get("host_cpus") or 1
+    loads = [x for x in (env.get("load_average_start"), env.get("load_average_end"))
+             if x is not None]
+    if loads and max(loads) > 0.5 * cpus:
+        notes.append(f"the load average reached {max(loads):.2f} on {cpus} CPUs (other jobs "
+                     "ran beside this one)")
+    noisy = [r for r in rows if len(r["seq_per_s_rounds"]) > 1 and r["spread"] > 0.10]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["spread"])
+        notes.append(f"{len(noisy)} of {len(rows)} variants spread more than 10% over the "
+                     f"rounds (worst {100 * worst['spread']:.0f}%, {worst['variant']} "
+                     f"N={worst['tasks']})")
+    if not notes:
+        return None
+    return "Noise: " + "; ".join(notes) + ". On a busy machine these are not the figures to report."
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    env = {**environment(argv if argv is not None else sys.argv[1:]), **versions(args)}
+    env = {**environment(argv if argv is not None else sys.argv[1:]), **versions(args),
+           "load_average_start": load_average()}
     from mtop_jax.models.pretrained import load_config, resolve_model_dir
 
     vocab = load_config(resolve_model_dir(args.model)).vocab_size
@@ -591,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         variants.sort(key=lambda v: (v.name in END_TO_END, v.tasks, order[v.name]))
         build_s = time.perf_counter() - t0
         rows = run_rounds(variants, args)
+    env["load_average_end"] = load_average()
     found = checks(rows)
     result = {**env, "benchmark": "peers",
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

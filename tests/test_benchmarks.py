@@ -177,9 +177,10 @@ def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
 
 
 def peers_row(variant, tasks, rates, rows=32):
+    median = sorted(rates)[len(rates) // 2]
     return {"variant": variant, "tasks": tasks, "rows_per_call": rows, "passes": 1,
-            "seq_per_s_rounds": rates, "seq_per_s": sorted(rates)[len(rates) // 2],
-            "spread": 0.0}
+            "seq_per_s_rounds": rates, "seq_per_s": median,
+            "spread": (max(rates) - min(rates)) / median}
 
 
 def test_peers_checks_pair_rounds_and_judge_the_issue_targets():
@@ -209,6 +210,13 @@ def test_peers_checks_pair_rounds_and_judge_the_issue_targets():
     assert "- MISS: mtop vs PEFT prefix, N passes at N=16" in text
     assert "- PASS: load().predict vs N HF pipelines at N=8" in text
     assert (args.tasks, args.length, args.batch, args.prompts) == ([8, 16], 128, 32, 4)
+    assert ("Noise: 8 of 9 variants spread more than 10% over the rounds (worst 91%, "
+            "mtop N=8)") in text
+    busy = peers.report(rows[4:5], [], args, {"host_cpus": 2, "load_average_start": 3.5})
+    assert busy.endswith("Noise: the load average reached 3.50 on 2 CPUs (other jobs ran "
+                         "beside this one). On a busy machine these are not the figures to "
+                         "report.")
+    assert "Noise" not in peers.report(rows[4:5], [], args, {"host_cpus": 2})
 
 
 def test_peers_quick_jax_variants_run_without_torch(tmp_path, capsys):
