@@ -42,13 +42,14 @@ lint: setup
 # .venv nor in the package's dependencies. torch is pinned: an unpinned torch pulls the CUDA
 # wheels; 2.13.0 resolves to the +cpu build where pip has a find-links holding it (this
 # machine's /opt/wheels); elsewhere pass TORCH_INDEX='--index-url
-# https://download.pytorch.org/whl/cpu'. transformers < 5: PEFT's prefix tuning needs the
-# encoder's `past_key_values` argument, which transformers 5 renamed on BERT (`cache`).
+# https://download.pytorch.org/whl/cpu'. transformers and peft: the pair tested together.
+# transformers 4: PEFT's prefix tuning passes `past_key_values` to the encoder, which
+# transformers 5 renamed on BERT (`cache`), so it fails there (peft 0.21 included).
 PEERS_VENV  ?= .venv-peers
 PEERS_BIN   := $(PEERS_VENV)/bin
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-PEERS_PKGS  ?= 'transformers>=4.46,<5' 'peft>=0.13,<0.18' 'safetensors>=0.4' 'pytest>=8'
+PEERS_PKGS  ?= 'transformers==4.57.6' 'peft==0.17.1' 'safetensors>=0.4' 'pytest>=8'
 PEERS_ARGS  ?= --out benchmarks/results/peers
 
 $(PEERS_VENV)/.installed: pyproject.toml

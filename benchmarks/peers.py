@@ -185,6 +185,7 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) ->
     model_dir = resolve_model_dir(args.model)
     enc = load_config(model_dir)
     params = encoder_params(enc, read_safetensors(model_dir), source=str(model_dir))
+    ids, mask = jax.device_put(ids), jax.device_put(mask)  # on the device once, as torch's
 
     def compiled_state(mode: str, n: int):
         tasks = [(f"task{t}", NUM_CLASSES) for t in range(n)]
