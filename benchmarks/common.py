@@ -248,6 +248,26 @@ def random_state(abstract_state, seed: int = 0):
     return nnx.from_flat_state(out)
 
 
+def with_new_task_variables(state, seed: int):
+    """``state`` with its per-task floating variables (leading ``tasks`` axis: prompts,
+    prefixes, heads) redrawn from normal(0.02) and every other array shared, not copied:
+    another task of the same base model, as prefix tuning serves N tasks from one encoder."""
+    from flax import nnx
+
+    from mtop_jax.models.axes import is_per_task
+
+    rng = np.random.default_rng(seed)
+
+    def fresh(var):
+        value = var.get_value()
+        if not is_per_task(var) or not jnp.issubdtype(value.dtype, jnp.floating):
+            return var
+        draw = 0.02 * rng.standard_normal(value.shape, np.float32)
+        return var.replace(jnp.asarray(draw.astype(value.dtype)))
+
+    return nnx.from_flat_state([(path, fresh(var)) for path, var in nnx.to_flat_state(state)])
+
+
 def padded_batch(batch: int, length: int, vocab: int, seed: int = 0
                  ) -> tuple[jax.Array, jax.Array]:
     """Random token ids [B, L] and an attention mask whose rows hold L down to L/2 tokens."""

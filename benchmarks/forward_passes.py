@@ -12,9 +12,18 @@ warmup calls). Modes:
 
 - ``mtop``: the fast path, all N tasks in one pass;
 - ``mtop-dense``: the same model through the dense (L + N P)^2 masked reference;
-- ``prefix``: prefix tuning, N passes folded into one batch of N B rows;
-- ``single``: N separate encoders (stacked on a task axis, one program);
+- ``prefix``: prefix tuning as its users serve it: N passes of B rows, one per task
+  (one compiled one-task program called with each task's prefix and head; the
+  encoder's weights are shared);
+- ``prefix-folded``: the same N passes folded into one batch of N B rows (one
+  program): an extra row, not what a prefix-tuning user runs;
+- ``single``: N separately fine-tuned encoders as their users serve them: N passes
+  of B rows, each through its own encoder's weights;
+- ``single-folded``: the N encoders stacked on a task axis, one program (an extra row);
 - ``shared``: one plain pass and N heads, the floor that no mode can beat.
+
+The N-passes rows count the FLOPs and the time of all N calls (the calls are
+dispatched back to back and waited for once, at the end).
 
 Outputs: Markdown tables on stdout, ``forward_passes.json`` and
 ``forward_passes.png`` in ``--out``. Settings too big for the memory budget or
@@ -61,15 +70,20 @@ from benchmarks.common import (
     summarize,
     time_calls,
     tree_bytes,
+    with_new_task_variables,
     write_json,
 )
 from mtop_jax.models.config import PRESETS
 from mtop_jax.models.multitask import ModelConfig, MultiTaskModel
 
-MODES = ("mtop", "mtop-dense", "prefix", "single", "shared")
-PROMPT_MODES = ("mtop", "mtop-dense", "prefix")  # the modes that P applies to
+MODES = ("mtop", "mtop-dense", "prefix", "prefix-folded", "single", "single-folded", "shared")
+#: the modes that P applies to
+PROMPT_MODES = ("mtop", "mtop-dense", "prefix", "prefix-folded")
+#: N passes of B rows, one call per task (what users of these methods run)
+PASS_MODES = ("prefix", "single")
 #: Cheapest first within one N: the FLOP-rate estimate (time guard) comes from them.
-MODE_ORDER = ("shared", "mtop", "mtop-dense", "prefix", "single")
+MODE_ORDER = ("shared", "mtop", "mtop-dense", "prefix", "prefix-folded", "single",
+              "single-folded")
 DTYPES = ("float32", "bfloat16")
 
 #: The issue's targets: minilm, L=128, B=32, P=4.
@@ -175,7 +189,7 @@ def settings(args: argparse.Namespace) -> list[Setting]:
 
 
 def model_config(s: Setting, dtype: str) -> ModelConfig:
-    base = "mtop" if s.mode.startswith("mtop") else s.mode
+    base = "mtop" if s.mode.startswith("mtop") else s.mode.removesuffix("-folded")
     return ModelConfig(mode=base, num_prompts=s.prompts or 1,
                        attention="dense" if s.mode == "mtop-dense" else "fast", dtype=dtype)
 
@@ -191,26 +205,33 @@ def run_setting(s: Setting, args: argparse.Namespace,
         return skipped(row, f"L={s.length} > the {s.size} position table ({enc.max_length})")
     tasks = [(f"task{t}", 3) for t in range(s.tasks)]
     cfg = model_config(s, args.dtype)
+    passes = s.tasks if s.mode in PASS_MODES else 1  # calls of one program per batch
 
-    def create():
+    def create(tasks=tasks):
         return MultiTaskModel(enc, cfg, tasks, rngs=nnx.Rngs(0))
 
-    abstract = nnx.eval_shape(create)
-    abstract.eval()  # dropout off
-    graphdef, abstract_state = nnx.split(abstract)
-    row["param_bytes"] = tree_bytes(nnx.state(abstract, nnx.Param))
+    # All N tasks' parameters count, whether one program holds them or N calls share them.
+    row["param_bytes"] = tree_bytes(nnx.state(nnx.eval_shape(create), nnx.Param))
     if row["param_bytes"] > args.max_param_gb * GB:
         return skipped(row, f"memory: parameters need {gb(row['param_bytes'])} > "
                             f"--max-param-gb {args.max_param_gb:.3g}")
+    abstract = nnx.eval_shape(lambda: create(tasks[:1] if passes > 1 else tasks))
+    abstract.eval()  # dropout off
+    graphdef, abstract_state = nnx.split(abstract)
 
     fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).logits(ids, mask))
     spec = jax.ShapeDtypeStruct((s.batch, s.length), jnp.int32)
     t0 = time.perf_counter()
     compiled = fn.lower(abstract_state, spec, spec).compile()
     row["compile_s"] = time.perf_counter() - t0
-    row["flops"] = compiled_flops(compiled)
+    row["passes"] = passes
+    flops = compiled_flops(compiled)
+    row["flops"] = flops * passes if flops is not None else None
     row["flops_per_seq"] = row["flops"] / s.batch if row["flops"] is not None else None
     row["memory_bytes"] = compiled_memory_bytes(compiled)
+    if row["memory_bytes"] is not None and passes > 1:  # the other tasks' parameters
+        row["memory_bytes"] += row["param_bytes"] - tree_bytes(
+            nnx.state(abstract, nnx.Param))
     if row["memory_bytes"] is not None and row["memory_bytes"] > args.max_mem_gb * GB:
         return skipped(row, f"memory: needs {gb(row['memory_bytes'])} > "
                             f"--max-mem-gb {args.max_mem_gb:.3g}")
@@ -220,16 +241,35 @@ def run_setting(s: Setting, args: argparse.Namespace,
             return skipped(row, f"time: ~{predicted:.0f} s per call > --max-seconds "
                                 f"{args.max_seconds:g}")
 
-    state = random_state(abstract_state)
     ids, mask = padded_batch(s.batch, s.length, enc.vocab_size)
-    times = time_calls(lambda: compiled(state, ids, mask), repeats=args.repeats,
-                       warmup=args.warmup, max_seconds=args.max_seconds)
+    if passes > 1:
+        states = task_states(abstract_state, passes, share_backbone=s.mode == "prefix")
+        call = lambda: [compiled(state, ids, mask) for state in states]
+    else:
+        state = random_state(abstract_state)
+        call = lambda: compiled(state, ids, mask)
+    times = time_calls(call, repeats=args.repeats, warmup=args.warmup,
+                       max_seconds=args.max_seconds)
     row.update(summarize(times))
     row["seq_per_s"] = s.batch / row["median_s"]
     if row["flops"]:
         row["flops_per_s"] = row["flops"] / row["median_s"]
         best_rate[s.size] = max(best_rate.get(s.size, 0.0), row["flops_per_s"])
     return row
+
+
+def task_states(abstract_state, n: int, *, share_backbone: bool) -> list:
+    """``n`` random states of a one-task model, one per task.
+
+    ``share_backbone`` (prefix tuning: one base model, N prefixes and heads): the
+    encoder's arrays are the same objects in every state and only the per-task
+    variables differ. Otherwise (N fine-tuned models) every state is drawn whole, so
+    each pass reads its own weights, as N separate models do.
+    """
+    if not share_backbone:
+        return [random_state(abstract_state, seed=t) for t in range(n)]
+    base = random_state(abstract_state, seed=0)
+    return [base, *(with_new_task_variables(base, seed=t) for t in range(1, n))]
 
 
 def skipped(row: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -381,8 +421,10 @@ def report(rows, costs, found_checks, args, env) -> str:
              f"{args.dtype}", ""]
     lines.append("seq/s: batch / median time of one call (compile excluded); spread: "
                  "(max - min) / median over the repeats; FLOPs from XLA's cost analysis; "
-                 "x shared / x prefix: throughput ratios at the same N; FLOPs / shared: "
-                 "relative cost by FLOPs.")
+                 "x shared / x prefix: throughput ratios at the same N (prefix: N passes "
+                 "of B rows); FLOPs / shared: relative cost by FLOPs. prefix and single: N "
+                 "calls of B rows, one per task; *-folded: the same N passes as one batch "
+                 "of N B rows (one program), an extra row.")
     by_group = defaultdict(list)
     for r in rows:
         by_group[group_key(r)].append(r)
@@ -453,8 +495,9 @@ def plot(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace, env) 
     groups = sorted({(*group_key(r), p) for r in rows
                      for p in ([r["prompts"]] if r["prompts"] is not None else args.prompts)})
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
-    colors = dict(zip(MODES, ("tab:blue", "tab:cyan", "tab:orange", "tab:red", "tab:green")))
-    markers = dict(zip(MODES, "osD^v"))
+    colors = dict(zip(MODES, ("tab:blue", "tab:cyan", "tab:orange", "tab:orange", "tab:red",
+                              "tab:red", "tab:green")))
+    markers = dict(zip(MODES, "osDD^^v"))
     for (size, length, batch, prompts), (ax_thr, ax_cost) in zip(groups, axes):
         for mode in MODES:
             pts = sorted((r for r in rows if ok(r) and group_key(r) == (size, length, batch)
@@ -463,7 +506,8 @@ def plot(rows: list[dict[str, Any]], path: Path, args: argparse.Namespace, env) 
             if not pts:
                 continue
             n = [r["tasks"] for r in pts]
-            style = dict(color=colors[mode], marker=markers[mode], label=mode)
+            style = dict(color=colors[mode], marker=markers[mode], label=mode,
+                         linestyle="--" if mode.endswith("-folded") else "-")
             ax_thr.plot(n, [r["seq_per_s"] for r in pts], **style)
             cost = [(r["tasks"], r["relative_cost"]) for r in pts if r.get("relative_cost")]
             if cost:

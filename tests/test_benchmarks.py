@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import forward_passes, quality, train_step  # noqa: E402
+from benchmarks import forward_passes, peers, quality, train_step  # noqa: E402
 
 ROW_FIELDS = {"size", "mode", "tasks", "length", "batch", "status", "skip_reason", "flops",
               "median_s", "min_s", "max_s", "times_s", "repeats", "spread", "compile_s"}
@@ -45,8 +45,13 @@ def test_forward_passes_quick(tmp_path, capsys):
     flops = {k: r["flops_per_seq"] for k, r in rows.items()}
     assert flops[("mtop", 4)] < 0.5 * flops[("prefix", 4)]
     assert flops[("shared", 4)] <= 1.01 * flops[("shared", 1)]  # N heads only
-    for mode in ("prefix", "single"):  # N passes
+    for mode in ("prefix", "prefix-folded", "single", "single-folded"):  # N passes
         assert flops[(mode, 4)] == pytest.approx(4 * flops[(mode, 1)], rel=0.05)
+    # prefix and single as users run them: N calls of B rows, the same work as folded
+    assert rows[("prefix", 4)]["passes"] == rows[("single", 4)]["passes"] == 4
+    assert rows[("prefix-folded", 4)]["passes"] == 1
+    for mode in ("prefix", "single"):
+        assert flops[(mode, 4)] == pytest.approx(flops[(f"{mode}-folded", 4)], rel=0.05)
     assert flops[("mtop-dense", 4)] > flops[("mtop", 4)]  # the (L + NP)^2 attention
     cost = next(c for c in saved["cost_per_task"] if c["mode"] == "mtop")
     assert cost["slope_flops"] == pytest.approx(cost["p_over_l"], rel=0.3)  # P/L = 2/16
@@ -164,3 +169,92 @@ def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
         "size Spearman > TF-IDF ridge's": (0.68, 0.69, False)}
     assert "TARGET r/mtop big acc >= TF-IDF - 0.5: 0.8100 vs 0.8070 -> PASS" in (
         quality.format_checks(checks))
+
+
+# ---------------------------------------------------------------------------- peers.py
+# CI has no torch: the JAX variants and the ratio logic run everywhere, the PyTorch, PEFT
+# and pipeline variants only where torch is importable (.venv-peers, `make bench-peers`).
+
+
+def peers_row(variant, tasks, rates, rows=32):
+    median = sorted(rates)[len(rates) // 2]
+    return {"variant": variant, "tasks": tasks, "rows_per_call": rows, "passes": 1,
+            "seq_per_s_rounds": rates, "seq_per_s": median,
+            "spread": (max(rates) - min(rates)) / median}
+
+
+def test_peers_checks_pair_rounds_and_judge_the_issue_targets():
+    rows = [peers_row("torch-shared", 8, [100, 50, 100]), peers_row("jax-shared", 8, [95, 40, 85]),
+            peers_row("peft-prefix", 8, [10, 5, 10]), peers_row("mtop", 8, [70, 20, 55]),
+            peers_row("peft-prefix", 16, [5, 5, 5]), peers_row("mtop", 16, [40, 44, 46]),
+            peers_row("jax-shared", 16, [60, 60, 80]),
+            peers_row("mtop-predict", 8, [500, 400, 450]),
+            peers_row("hf-pipelines", 8, [100, 100, 80])]
+    found = {(c["name"], c["tasks"]): c for c in peers.checks(rows)}
+    shared = found[("JAX shared vs PyTorch shared", 8)]
+    assert shared["rounds"] == pytest.approx([0.95, 0.8, 0.85])  # paired by round
+    assert shared["value"] == pytest.approx(0.85) and shared["passed"] is False
+    assert ("JAX shared vs PyTorch shared", 16) not in found  # no torch-shared at N=16
+    assert found[("mtop vs PEFT prefix, N passes", 8)]["value"] == pytest.approx(5.5)
+    assert found[("mtop vs PEFT prefix, N passes", 8)]["passed"] is False  # needs 6x
+    assert found[("mtop vs PEFT prefix, N passes", 16)]["value"] == pytest.approx(8.8)
+    assert found[("mtop vs PEFT prefix, N passes", 16)]["threshold"] == 9.0
+    vs_shared = found[("mtop vs JAX shared", 16)]
+    assert vs_shared["value"] == pytest.approx(0.6667, rel=1e-3) and vs_shared["passed"]
+    assert found[("load().predict vs N HF pipelines", 8)]["value"] == pytest.approx(5.0)
+    assert found[("load().predict vs N HF pipelines", 8)]["passed"]  # >= 5x
+    assert found[("mtop vs PyTorch shared", 8)]["passed"] is None  # informational
+    args = peers.parse_args([])
+    text = peers.report(rows, list(found.values()), args, {"jax_version": "x"})
+    assert "| variant" in text and "| round 3 |" in text
+    assert "- MISS: mtop vs PEFT prefix, N passes at N=16" in text
+    assert "- PASS: load().predict vs N HF pipelines at N=8" in text
+    assert (args.tasks, args.length, args.batch, args.prompts) == ([8, 16], 128, 32, 4)
+    assert ("Noise: 8 of 9 variants spread more than 10% over the rounds (worst 91%, "
+            "mtop N=8)") in text
+    busy = peers.report(rows[4:5], [], args, {"host_cpus": 2, "load_average_start": 3.5})
+    assert busy.endswith("Noise: the load average reached 3.50 on 2 CPUs (other jobs ran "
+                         "beside this one). On a busy machine these are not the figures to "
+                         "report.")
+    assert "Noise" not in peers.report(rows[4:5], [], args, {"host_cpus": 2})
+
+
+def test_peers_quick_jax_variants_run_without_torch(tmp_path, capsys):
+    result = peers.main(["--quick", "--variants", "jax-shared,mtop,jax-prefix,mtop-predict",
+                         "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| variant" in out and "## Targets" in out
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert {"jax_version", "flax_version", "transformers_version", "cpu_model", "command",
+            "date"} <= set(saved)
+    assert (tmp_path / "peers.png").stat().st_size > 10_000
+    rows = {(r["variant"], r["tasks"]): r for r in saved["results"]}
+    assert set(rows) == {("jax-shared", 2), ("mtop", 2), ("jax-prefix", 2),
+                         ("mtop-predict", 2)}
+    assert rows[("jax-prefix", 2)]["passes"] == 2 and rows[("mtop", 2)]["passes"] == 1
+    for r in rows.values():
+        assert len(r["seq_per_s_rounds"]) == 1 and r["seq_per_s"] > 0
+        assert r["seq_per_s"] == pytest.approx(r["rows_per_call"] / r["times_s"][0][0])
+    assert rows[("mtop-predict", 2)]["rows_per_call"] == 8  # texts of the demo test split
+    assert saved["end_to_end"]["tasks"] == 2 and saved["end_to_end"]["max_length"] == 16
+    assert {c["name"] for c in saved["checks"]} == {"mtop vs JAX prefix, N passes"}
+    # Where torch is installed, transformers' tokenizers may import it; what matters (and
+    # what CI, without torch, checks by running this at all) is that peers.py does not.
+    assert "torch_version" not in saved and "peft_version" not in saved
+
+
+def test_peers_quick_against_pytorch_peft_and_pipelines(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    result = peers.main(["--quick", "--out", str(tmp_path), "--no-plot"])
+    assert "## Targets" in capsys.readouterr().out  # tiny sizes: the verdicts mean nothing
+    rows = {(r["variant"], r["tasks"]): r for r in result["results"]}
+    assert set(rows) == {(v, 2) for v in peers.VARIANTS}
+    assert rows[("peft-prefix", 2)]["passes"] == rows[("hf-pipelines", 2)]["passes"] == 2
+    assert all(r["seq_per_s"] > 0 for r in rows.values())
+    assert {"torch_version", "peft_version", "torch_threads"} <= set(result)
+    assert result["pooled_max_abs_diff_torch_vs_jax"] < 1e-4  # the same weights, both sides
+    names = {(c["name"], c["tasks"]) for c in result["checks"]}
+    assert ("JAX shared vs PyTorch shared", 2) in names
+    assert ("JAX prefix vs PEFT prefix (both N passes)", 2) in names
