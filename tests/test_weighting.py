@@ -41,7 +41,7 @@ def _simplex_grid(k: int, n: int) -> np.ndarray:
 
 
 def test_registry_and_config_errors():
-    assert set(ALL) == set(WEIGHTINGS) == {
+    assert set(ALL) == set(WEIGHTINGS) >= {
         "static", "uncertainty", "dwa", "famo", "pcgrad", "mgda", "cagrad", "getmtl"}
     for name in LOSS_BASED:
         assert isinstance(make_weighting(name, 3), LossWeighting)
@@ -49,7 +49,7 @@ def test_registry_and_config_errors():
         m = make_weighting(name.upper(), 3)
         assert isinstance(m, GradWeighting) and hash(m) == hash(make_weighting(name, 3))
     with pytest.raises(ConfigError, match="expected one of"):
-        make_weighting("gradnorm", 2)
+        make_weighting("nosuchmethod", 2)
     with pytest.raises(ConfigError, match="unknown argument"):
         make_weighting("dwa", 2, temprature=2.0)
     with pytest.raises(ConfigError, match="non-negative numbers"):
@@ -377,6 +377,8 @@ def _uniform(w) -> bool:
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_changes_the_update(name):
     """Each method other than static gives another update than the plain sum."""
+    if name in ("rlw", "gls", "stch", "gradnorm"):  # random / the sum in warm-up epochs
+        pytest.skip("checked against its reference in test_weighting_reference_libmtl.py")
     assert np.all((CONFLICTING @ CONFLICTING.T)[np.triu_indices(3, 1)] < 0)  # pairwise
     if name in GRADIENT_BASED:
         d, _, aux = _d(name, CONFLICTING, [0.5, 1.0, 2.0], key=jax.random.key(1))

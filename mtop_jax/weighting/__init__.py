@@ -4,8 +4,12 @@
 
 - loss-based (:class:`LossWeighting`): ``static``, ``uncertainty`` (Kendall et al.
   2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023);
+  ``rlw`` (Lin et al. 2022), ``gls`` (Chennupati et al. 2019), ``stch`` (Lin et al.
+  2024), each equal to LibMTL's (tests/test_weighting_reference_libmtl.py);
 - gradient-based (:class:`GradWeighting`): ``pcgrad`` (Yu et al. 2020), ``mgda``
-  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023).
+  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023);
+  ``gradnorm`` (Chen et al. 2018), ``nashmtl`` (Navon et al. 2022), ``fairgrad`` (Ban and
+  Ji 2024), each equal to LibMTL's or torchjd's (tests/test_weighting_reference_libmtl.py).
 
 A method is an immutable, hashable object holding hyper-parameters only. Its
 *state* (``method.init()``) is a dict of jnp arrays, always with an int32
@@ -79,6 +83,7 @@ from __future__ import annotations
 import dataclasses
 
 from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.balancing import FairGrad, GradNorm, NashMTL, alpha_fair_weights
 from mtop_jax.weighting.base import (
     Aux,
     GradWeighting,
@@ -94,12 +99,17 @@ from mtop_jax.weighting.grads import (
     gram_of_tree,
     per_task_grads,
 )
-from mtop_jax.weighting.loss_based import DWA, FAMO, Static, Uncertainty
+from mtop_jax.weighting.loss_based import DWA, FAMO, GLS, RLW, STCH, Static, Uncertainty
 from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_simplex
 
 #: name -> class, loss-based first
 WEIGHTINGS: dict[str, type[Weighting]] = {
-    cls.name: cls for cls in (Static, Uncertainty, DWA, FAMO, PCGrad, MGDA, CAGrad, GetMTL)
+    cls.name: cls for cls in (
+        Static, Uncertainty, DWA, FAMO,
+        RLW, GLS, STCH,
+        PCGrad, MGDA, CAGrad, GetMTL,
+        GradNorm, NashMTL, FairGrad,
+    )
 }
 LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
 GRADIENT_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "grad")
@@ -130,19 +140,26 @@ __all__ = [
     "CAGrad",
     "DWA",
     "FAMO",
+    "FairGrad",
+    "GLS",
     "GRADIENT_BASED",
     "GetMTL",
+    "GradNorm",
     "GradWeighting",
     "LOSS_BASED",
     "LossWeighting",
     "MGDA",
+    "NashMTL",
     "PCGrad",
     "Params",
+    "RLW",
+    "STCH",
     "State",
     "Static",
     "Uncertainty",
     "WEIGHTINGS",
     "Weighting",
+    "alpha_fair_weights",
     "cagrad_simplex",
     "combine_grad_tree",
     "gradient_scales",
