@@ -9,7 +9,9 @@
 - gradient-based (:class:`GradWeighting`): ``pcgrad`` (Yu et al. 2020), ``mgda``
   (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023);
   ``gradnorm`` (Chen et al. 2018), ``nashmtl`` (Navon et al. 2022), ``fairgrad`` (Ban and
-  Ji 2024), each equal to LibMTL's or torchjd's (tests/test_weighting_reference_libmtl.py).
+  Ji 2024), ``dbmtl`` (Lin et al. 2023), each equal to LibMTL's or torchjd's
+  (tests/test_weighting_reference_libmtl.py). ``dbmtl``'s state is an EMA of the
+  shared gradients: ``method.init(grads_like=select_shared(params, is_shared))``.
 
 A method is an immutable, hashable object holding hyper-parameters only. Its
 *state* (``method.init()``) is a dict of jnp arrays, always with an int32
@@ -83,7 +85,13 @@ from __future__ import annotations
 import dataclasses
 
 from mtop_jax.errors import ConfigError
-from mtop_jax.weighting.balancing import FairGrad, GradNorm, NashMTL, alpha_fair_weights
+from mtop_jax.weighting.balancing import (
+    DBMTL,
+    FairGrad,
+    GradNorm,
+    NashMTL,
+    alpha_fair_weights,
+)
 from mtop_jax.weighting.base import (
     Aux,
     GradWeighting,
@@ -98,6 +106,7 @@ from mtop_jax.weighting.grads import (
     combine_grad_tree,
     gram_of_tree,
     per_task_grads,
+    select_shared,
 )
 from mtop_jax.weighting.loss_based import DWA, FAMO, GLS, RLW, STCH, Static, Uncertainty
 from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_simplex
@@ -108,7 +117,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
         Static, Uncertainty, DWA, FAMO,
         RLW, GLS, STCH,
         PCGrad, MGDA, CAGrad, GetMTL,
-        GradNorm, NashMTL, FairGrad,
+        GradNorm, NashMTL, FairGrad, DBMTL,
     )
 }
 LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
@@ -138,6 +147,7 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 __all__ = [
     "Aux",
     "CAGrad",
+    "DBMTL",
     "DWA",
     "FAMO",
     "FairGrad",
@@ -168,4 +178,5 @@ __all__ = [
     "masked_softmax",
     "min_norm_simplex",
     "per_task_grads",
+    "select_shared",
 ]

@@ -261,3 +261,88 @@ class GradNorm(GradWeighting):
         }
         weights = jnp.where(active, scales(theta), mask.astype(jnp.float32))
         return weights, new_state, {"active": active, "grad_loss": value}
+
+
+@dataclasses.dataclass(frozen=True)
+class DBMTL(GradWeighting):
+    """Dual-Balancing Multi-Task Learning (Lin et al., "Dual-Balancing for Multi-Task
+    Learning", 2023; arXiv:2308.12029).
+
+    Reference: LibMTL ``LibMTL/weighting/DB_MTL.py``, defaults ``DB_beta=0.9``,
+    ``DB_beta_sigma=0``. Loss-scale balancing: each task's gradient is that of
+    ``log(L_k + 1e-8)``, i.e. ``g_k / (L_k + 1e-8)``. Gradient-magnitude balancing:
+    an EMA buffer of those gradients, ``b_k <- h_k + beta_t (b_k - h_k)`` with
+    ``beta_t = beta / t^beta_sigma`` (``t`` = 1, 2, ...: the step, from 1; the buffer
+    starts at 0 with no bias correction, as the reference), and
+    ``d = sum_k (max_j |b_j| / (|b_k| + 1e-8)) b_k``: every buffer rescaled to the
+    largest norm. Scale: ``d`` is about K times the largest buffer's norm.
+
+    This is the one method whose direction is not a combination of this step's
+    gradients: :func:`~mtop_jax.weighting.grads.combine_grad_tree` calls
+    :meth:`transform_grads` first, which replaces the shared gradients by the
+    updated buffers (whose Gram matrix then gives the weights) and the
+    task-specific ones (heads) by their log-loss gradients, as the reference's
+    backward of the log-losses leaves them. The buffers are the state
+    (``state["buffer"]``: a tuple of f32 ``[K, ...]`` arrays, one per shared leaf:
+    K times the shared parameters' size), so :meth:`init` needs ``grads_like``,
+    the shared parameters (or any arrays of their shapes) in the order of the
+    gradient tree's shared leaves.
+
+    Absent tasks: weight 0, their buffer is left as it was, the maximum runs over
+    the present tasks. aux: ``buffer_norms``.
+    """
+
+    beta: float = 0.9
+    beta_sigma: float = 0.0
+    name: ClassVar[str] = "dbmtl"
+    #: ``init`` needs the shared gradients' shapes, ``combine_grad_tree`` calls ``transform_grads``
+    needs_grad_buffer: ClassVar[bool] = True
+
+    def init(self, num_tasks: int | None = None, grads_like: Any = None) -> State:
+        """The initial state: zero buffers shaped ``[K, *leaf.shape]`` for each leaf of
+        ``grads_like`` (the shared parameters, a list of them or of their shapes)."""
+        if grads_like is None:
+            raise ConfigError("weighting 'dbmtl': init() needs grads_like, the shared "
+                              "parameters (its state is a buffer of their gradients)")
+        state = super().init(num_tasks)
+        leaves = jax.tree.leaves(grads_like, is_leaf=lambda x: isinstance(x, tuple) and all(
+            isinstance(n, int) for n in x))
+        shapes = [tuple(x) if isinstance(x, tuple) else tuple(jnp.shape(x)) for x in leaves]
+        state["buffer"] = tuple(jnp.zeros((self.num_tasks, *s), jnp.float32) for s in shapes)
+        return state
+
+    def transform_grads(
+        self,
+        leaves: list[jax.Array],
+        flags: list[bool],
+        losses: jax.Array,
+        mask: jax.Array,
+        state: State,
+    ) -> tuple[list[jax.Array], State]:
+        """Shared leaves -> the updated EMA buffers, the others -> log-loss gradients."""
+        buffers = state["buffer"]
+        if len(buffers) != sum(flags):
+            raise ConfigError(f"weighting 'dbmtl': {len(buffers)} buffers for "
+                              f"{sum(flags)} shared gradient leaves")
+        losses = jax.lax.stop_gradient(jnp.where(mask, losses, 1.0)).astype(jnp.float32)
+        inv = jnp.where(mask, 1.0 / (losses + 1e-8), 0.0)
+        t = (state["step"] + 1).astype(jnp.float32)
+        beta_t = self.beta / t**self.beta_sigma
+        out, new_buffers = [], []
+        it = iter(buffers)
+        for x, shared in zip(leaves, flags, strict=True):
+            rows = (-1,) + (1,) * (x.ndim - 1)
+            h = x.astype(jnp.float32) * inv.reshape(rows)
+            if shared:
+                b = next(it)
+                b = jnp.where(mask.reshape(rows), h + beta_t * (b - h), b)
+                new_buffers.append(b)
+                out.append(jnp.where(mask.reshape(rows), b, 0.0))
+            else:
+                out.append(h)
+        return out, {**state, "buffer": tuple(new_buffers)}
+
+    def _weights(self, gram, losses, mask, state, key):
+        n = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        top = jnp.max(jnp.where(mask, n, 0.0))
+        return jnp.where(mask, top / (n + 1e-8), 0.0), state, {"buffer_norms": n}
