@@ -6,7 +6,9 @@ that tests/test_weighting_reference_libmtl.py compares mtop_jax.weighting with::
     python tests/reference/record_weighting_references_libmtl.py \\
         --libmtl-src DIR [--out tests/reference/weighting_libmtl.npz]
 
-Needs torch, numpy, torchjd 0.18 (NashMTL, FairGrad), scipy, cvxpy and ECOS. ``DIR``
+Needs torch, numpy, torchjd 0.18 (NashMTL, FairGrad), scipy, cvxpy and ECOS (recorded
+with torch's environment plus ``pip install --no-deps --target X cvxpy ecos scipy
+clarabel osqp scs qdldl`` on ``PYTHONPATH``: cvxpy 1.9.3, ECOS 2.0.14, scipy 1.17.1). ``DIR``
 holds the files of ``LibMTL/weighting`` of LibMTL at commit
 4336804847eaa5e0b924b743d76beec7ac3fdc97 (2025-05-14; the pip release lacks
 DB_MTL, STCH, Nash_MTL and FairGrad), e.g.
@@ -77,7 +79,10 @@ def harness(cls: type, k: int, dim: int = D, **attrs):
         def get_share_params(self):
             return [self.W]
 
-        def zero_grad_share_params(self):  # LibMTL's: zero_grad(set_to_none=False)
+        # LibMTL's is ``encoder.zero_grad()``, which since torch 2.0 sets the gradients to
+        # None, after which ``_reset_grad`` (it skips parameters whose grad is None) writes
+        # nothing: zero in place, as under torch 1.x, for which LibMTL was written.
+        def zero_grad_share_params(self):
             if self.W.grad is not None:
                 self.W.grad.zero_()
 
