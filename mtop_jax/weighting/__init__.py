@@ -78,6 +78,14 @@ to K), ``famo`` a convex combination of the gradients (``c z_k / L_k`` sums to 1
 ``pcgrad`` a sum of projected gradients, ``mgda`` a convex combination, ``cagrad``
 and ``getmtl`` K times their normalised direction (the authors' "match the sum
 loss"). Each follows its paper or reference code.
+
+Scales of the methods checked against LibMTL/torchjd: ``rlw`` a random convex
+combination (softmax of a normal draw keyed by ``seed`` and the step), ``gls`` the
+geometric mean, ``stch`` the sum of log-losses in warm-up then ``K mu logsumexp``,
+``gradnorm`` weights summing to K, ``nashmtl`` the Nash solution clipped to
+``|d| <= max_norm`` (1), ``fairgrad`` the unnormalised root of ``G G^T w =
+w^(-1/alpha)``, ``dbmtl`` buffers rescaled to the largest norm. ``stch`` and
+``gradnorm`` count the references' epochs as ``steps_per_epoch`` steps.
 """
 
 from __future__ import annotations
