@@ -21,11 +21,17 @@ def tiny_config(*overrides: str):
     return load_config(TINY, list(overrides))
 
 
+#: options that make a method act within 4 steps (epochs of 1 step; gradnorm's Adam faster)
+KWARGS = {"stch": {"steps_per_epoch": 1, "warmup_epochs": 1},
+          "gradnorm": {"steps_per_epoch": 1, "learning_rate": 0.1}}
+
+
 def weighting_run(method: str, devices) -> dict:
     """4 train steps of the tiny config with a weighting method, from the seed's init and
     the seed's batches: initial and final parameters, and the steps' metrics."""
     config = tiny_config("--config.mesh.data=1", f"--config.weighting.method={method}",
                          "--config.optim.learning_rate=0.003")
+    config.weighting.kwargs.update(KWARGS.get(method, {}))
     tokenizer = load_tokenizer(config)
     data = build_dataset(config.data, tokenizer, "train")
     run = setup(config, data.tasks, tokenizer, devices=devices[:1])
@@ -50,8 +56,10 @@ def static_run(devices):
 # after the step; per-task gradients); make test-all: all. Every method's own
 # arithmetic, and that it changes the update, is tested jitted in test_weighting.py.
 @pytest.mark.parametrize("method", [
-    "static", "uncertainty", "famo", "pcgrad",
-    *(pytest.param(m, marks=pytest.mark.slow) for m in ("dwa", "mgda", "cagrad", "getmtl"))])
+    "static", "uncertainty", "famo", "pcgrad", "dbmtl",  # dbmtl: its gradient buffers
+    *(pytest.param(m, marks=pytest.mark.slow) for m in (
+        "dwa", "mgda", "cagrad", "getmtl",
+        "rlw", "gls", "stch", "gradnorm", "nashmtl", "fairgrad"))])
 def test_every_weighting_method_trains_without_nan(method, devices, static_run):
     got = weighting_run(method, devices)
     state, steps = got["state"], got["steps"]
@@ -87,3 +95,9 @@ def test_every_weighting_method_trains_without_nan(method, devices, static_run):
         np.testing.assert_array_equal(weights[0], 0.5)
         assert np.any(np.asarray(state.weighting["params"]["log_vars"]) != 0)
         assert max(spread[1:]) > 1e-3, spread
+    if method == "gradnorm":  # the plain sum in its epoch 0 (step 1), then learned scales
+        np.testing.assert_array_equal(weights[0], 1.0)
+        assert max(spread[1:]) > 1e-3, spread
+    if method == "dbmtl":  # one buffer per shared parameter, K rows each
+        k = len(steps[0]["present"])
+        assert all(b.shape[0] == k for b in state.weighting["state"]["buffer"])

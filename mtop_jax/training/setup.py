@@ -27,8 +27,13 @@ from mtop_jax.parallel.sharding import batch_sharding, data_parallel_ways, make_
 from mtop_jax.training import optim
 from mtop_jax.training.losses import NORMALIZE
 from mtop_jax.training.state import TrainState, create_model, create_state, split_model
-from mtop_jax.training.steps import jit_eval_step, jit_train_step, weighting_optimizer
-from mtop_jax.weighting import GradWeighting, LossWeighting, make_weighting
+from mtop_jax.training.steps import (
+    jit_eval_step,
+    jit_train_step,
+    shared_mask,
+    weighting_optimizer,
+)
+from mtop_jax.weighting import GradWeighting, LossWeighting, make_weighting, select_shared
 
 
 @dataclasses.dataclass
@@ -185,7 +190,11 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     tx, schedules = optim.make_optimizer(config.optim, tcfg.steps, params, tcfg.stage)
     weighting_tx = weighting_optimizer(config.weighting.learning_rate)
     wparams = weighting.init_params() if weighting.kind == "loss" else {}
-    weighting_state = {"state": weighting.init(), "params": wparams,
+    if getattr(weighting, "needs_grad_buffer", False):  # dbmtl: a buffer of shared gradients
+        wstate = weighting.init(grads_like=select_shared(params, shared_mask(params)))
+    else:
+        wstate = weighting.init()
+    weighting_state = {"state": wstate, "params": wparams,
                        "opt": weighting_tx.init(wparams)}
     state, state_shardings = create_state(model, tx, weighting_state, mesh, rules)
     train_step = jit_train_step(train_graphdef, tx, weighting, spec.regression, weighting_tx,

@@ -4,8 +4,14 @@
 
 - loss-based (:class:`LossWeighting`): ``static``, ``uncertainty`` (Kendall et al.
   2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023);
+  ``rlw`` (Lin et al. 2022), ``gls`` (Chennupati et al. 2019), ``stch`` (Lin et al.
+  2024), each equal to LibMTL's (tests/test_weighting_reference_libmtl.py);
 - gradient-based (:class:`GradWeighting`): ``pcgrad`` (Yu et al. 2020), ``mgda``
-  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023).
+  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023);
+  ``gradnorm`` (Chen et al. 2018), ``nashmtl`` (Navon et al. 2022), ``fairgrad`` (Ban and
+  Ji 2024), ``dbmtl`` (Lin et al. 2023), each equal to LibMTL's or torchjd's
+  (tests/test_weighting_reference_libmtl.py). ``dbmtl``'s state is an EMA of the
+  shared gradients: ``method.init(grads_like=select_shared(params, is_shared))``.
 
 A method is an immutable, hashable object holding hyper-parameters only. Its
 *state* (``method.init()``) is a dict of jnp arrays, always with an int32
@@ -72,6 +78,14 @@ to K), ``famo`` a convex combination of the gradients (``c z_k / L_k`` sums to 1
 ``pcgrad`` a sum of projected gradients, ``mgda`` a convex combination, ``cagrad``
 and ``getmtl`` K times their normalised direction (the authors' "match the sum
 loss"). Each follows its paper or reference code.
+
+Scales of the methods checked against LibMTL/torchjd: ``rlw`` a random convex
+combination (softmax of a normal draw keyed by ``seed`` and the step), ``gls`` the
+geometric mean, ``stch`` the sum of log-losses in warm-up then ``K mu logsumexp``,
+``gradnorm`` weights summing to K, ``nashmtl`` the Nash solution clipped to
+``|d| <= max_norm`` (1), ``fairgrad`` the unnormalised root of ``G G^T w =
+w^(-1/alpha)``, ``dbmtl`` buffers rescaled to the largest norm. ``stch`` and
+``gradnorm`` count the references' epochs as ``steps_per_epoch`` steps.
 """
 
 from __future__ import annotations
@@ -79,6 +93,13 @@ from __future__ import annotations
 import dataclasses
 
 from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.balancing import (
+    DBMTL,
+    FairGrad,
+    GradNorm,
+    NashMTL,
+    alpha_fair_weights,
+)
 from mtop_jax.weighting.base import (
     Aux,
     GradWeighting,
@@ -93,13 +114,19 @@ from mtop_jax.weighting.grads import (
     combine_grad_tree,
     gram_of_tree,
     per_task_grads,
+    select_shared,
 )
-from mtop_jax.weighting.loss_based import DWA, FAMO, Static, Uncertainty
+from mtop_jax.weighting.loss_based import DWA, FAMO, GLS, RLW, STCH, Static, Uncertainty
 from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_simplex
 
 #: name -> class, loss-based first
 WEIGHTINGS: dict[str, type[Weighting]] = {
-    cls.name: cls for cls in (Static, Uncertainty, DWA, FAMO, PCGrad, MGDA, CAGrad, GetMTL)
+    cls.name: cls for cls in (
+        Static, Uncertainty, DWA, FAMO,
+        RLW, GLS, STCH,
+        PCGrad, MGDA, CAGrad, GetMTL,
+        GradNorm, NashMTL, FairGrad, DBMTL,
+    )
 }
 LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
 GRADIENT_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "grad")
@@ -128,21 +155,29 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 __all__ = [
     "Aux",
     "CAGrad",
+    "DBMTL",
     "DWA",
     "FAMO",
+    "FairGrad",
+    "GLS",
     "GRADIENT_BASED",
     "GetMTL",
+    "GradNorm",
     "GradWeighting",
     "LOSS_BASED",
     "LossWeighting",
     "MGDA",
+    "NashMTL",
     "PCGrad",
     "Params",
+    "RLW",
+    "STCH",
     "State",
     "Static",
     "Uncertainty",
     "WEIGHTINGS",
     "Weighting",
+    "alpha_fair_weights",
     "cagrad_simplex",
     "combine_grad_tree",
     "gradient_scales",
@@ -151,4 +186,5 @@ __all__ = [
     "masked_softmax",
     "min_norm_simplex",
     "per_task_grads",
+    "select_shared",
 ]

@@ -79,6 +79,13 @@ def gram_of_tree(grads: PyTree, present: jax.Array | None = None) -> jax.Array:
     return gram
 
 
+def select_shared(tree: PyTree, shared: SharedSpec = None) -> list[jax.Array]:
+    """The leaves of ``tree`` (e.g. the parameters) that ``shared`` marks, in the order
+    :func:`combine_grad_tree` visits them (what DB-MTL's ``init(grads_like=...)`` takes)."""
+    leaves = jax.tree.leaves(tree)
+    return [x for x, f in zip(leaves, _shared_flags(tree, shared), strict=True) if f]
+
+
 def _mask_rows(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
 
@@ -118,7 +125,8 @@ def combine_grad_tree(
     Returns ``(grad, new_state, aux)``: ``grad`` has the structure of one task's
     gradients (feed it to ``optimizer.update``). On the ``shared`` leaves it is the
     method's direction ``sum_k weights_k g_k`` (weights from the Gram matrix of the
-    shared leaves only); on the other leaves the plain sum over present tasks.
+    shared leaves only); on the other leaves the plain sum over present tasks. A method
+    with ``transform_grads`` (DB-MTL) first replaces the gradients by what it combines.
     """
     leaves, treedef = jax.tree.flatten(grads)
     k = method.num_tasks
@@ -128,7 +136,11 @@ def combine_grad_tree(
                               f"expected a leading axis of {k} tasks")
     flags = _shared_flags(grads, shared)
     mask = as_mask(present, k)
+    dtypes = [x.dtype for x in leaves]
     leaves = [_mask_rows(x, mask) for x in leaves]
+    transform = getattr(method, "transform_grads", None)
+    if transform is not None:  # DB-MTL: its gradient buffers stand for the gradients
+        leaves, state = transform(leaves, flags, jnp.asarray(losses), mask, state)
     shared_leaves = [x for x, f in zip(leaves, flags, strict=True) if f]
     if not shared_leaves:
         raise ConfigError("combine_grad_tree: no leaf is marked shared")
@@ -137,6 +149,7 @@ def combine_grad_tree(
         gram = gram + _contract(x, x)
     weights, state, aux = method.weights_from_gram(gram, losses, mask, state, key)
     ones = mask.astype(jnp.float32)
-    out = [_weighted_sum(weights if f else ones, x) for x, f in zip(leaves, flags, strict=True)]
+    out = [_weighted_sum(weights if f else ones, x).astype(dt)
+           for x, f, dt in zip(leaves, flags, dtypes, strict=True)]
     return jax.tree.unflatten(treedef, out), state, aux
 

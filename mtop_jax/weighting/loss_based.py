@@ -259,3 +259,148 @@ class FAMO(LossWeighting):
         new_state["prev_losses"] = after.astype(jnp.float32)
         new_state["prev_present"] = after_mask
         return new_state
+
+
+def _loss_mean_of_first_epochs(state: State, losses: jax.Array, mask: jax.Array,
+                               collect: jax.Array) -> State:
+    """Adds the present tasks' losses to ``loss_sum``/``loss_count`` when ``collect`` holds."""
+    add = mask & collect
+    return {**state,
+            "loss_sum": state["loss_sum"] + jnp.where(add, losses.astype(jnp.float32), 0.0),
+            "loss_count": state["loss_count"] + add.astype(jnp.int32)}
+
+
+def _loss_means(state: State) -> jax.Array:
+    """Per-task mean of the collected losses; 1 for a task with none collected."""
+    n = state["loss_count"]
+    return jnp.where(n > 0, state["loss_sum"] / jnp.maximum(n, 1).astype(jnp.float32), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLW(LossWeighting):
+    """Random Loss Weighting (Lin et al., "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022).
+
+    Reference: LibMTL ``LibMTL/weighting/RLW.py`` (its default distribution,
+    ``Normal``): every step draws ``z ~ N(0, I_K)`` and ``w = softmax(z)``,
+    ``total = sum_k w_k L_k``. Scale: the weights sum to 1 (a random convex
+    combination of the losses, so the update is about 1/K of the summed one).
+
+    Randomness without a key argument: the step's draw is
+    ``normal(fold_in(key(seed), state["step"]), (K,))`` (``seed``, default 0), so a
+    given state always draws the same weights, and a restored checkpoint draws
+    what the uninterrupted run would. :meth:`weights_from_draw` is the
+    deterministic part (what the reference test compares). Absent tasks: their
+    ``z`` is drawn but ignored, the softmax runs over the present tasks. The state
+    is a step counter.
+    """
+
+    seed: int = 0
+    name: ClassVar[str] = "rlw"
+
+    def draw(self, state: State) -> jax.Array:
+        """This step's ``z: f32[K]`` (standard normal), a function of ``seed`` and the step."""
+        key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+        return jax.random.normal(key, (self.num_tasks,), jnp.float32)
+
+    @staticmethod
+    def weights_from_draw(z: jax.Array, mask: jax.Array) -> jax.Array:
+        """``softmax(z)`` over the present tasks (the reference's transform of its draw)."""
+        return masked_softmax(z, mask)
+
+    def _combine(self, losses, mask, state, params):
+        z = self.draw(state)
+        w = jax.lax.stop_gradient(self.weights_from_draw(z, mask))
+        return jnp.sum(w * losses), {"weights": w, "z": z}
+
+
+@dataclasses.dataclass(frozen=True)
+class GLS(LossWeighting):
+    """Geometric Loss Strategy (Chennupati et al., "MultiNet++", CVPR 2019 workshops).
+
+    Reference: LibMTL ``LibMTL/weighting/GLS.py``: ``total = (prod_k L_k)^(1/K)``,
+    the geometric mean of the losses, computed here as ``exp(mean_k log L_k)``
+    (the same value; no underflow of the product with many small losses; a loss
+    is clamped at 1e-30 before the log). Scale: ``d total / d L_k = total / (K L_k)``,
+    which is ``aux["weights"]`` (LibMTL returns ``L_k / (K prod L)`` for logging,
+    which is not the gradient's coefficient). No hyper-parameters.
+
+    Absent tasks: the mean runs over the present tasks (K is their number). The
+    state is a step counter.
+    """
+
+    name: ClassVar[str] = "gls"
+
+    def _total(self, losses: jax.Array, mask: jax.Array) -> jax.Array:
+        logs = jnp.where(mask, jnp.log(jnp.maximum(jnp.where(mask, losses, 1.0), 1e-30)), 0.0)
+        return jnp.exp(jnp.sum(logs) / jnp.maximum(num_present(mask), 1.0)) * jnp.any(mask)
+
+    def _combine(self, losses, mask, state, params):
+        total, w = jax.value_and_grad(self._total)(losses, mask)
+        return total, {"weights": jnp.where(mask, w, 0.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class STCH(LossWeighting):
+    """Smooth Tchebycheff scalarisation (Lin et al., ICML 2024), for multi-task learning.
+
+    Reference: LibMTL ``LibMTL/weighting/STCH.py`` (from the authors' STCH_MTL
+    code), defaults ``mu=1.0``, ``warmup_epoch=4``. In epochs ``e`` (``e = step //
+    steps_per_epoch``; the reference counts the trainer's epochs, so set
+    ``steps_per_epoch`` to the trainer's epoch length, default 100):
+
+    - ``e < warmup_epochs``: ``total = sum_k log(L_k + 1e-20)``;
+    - ``e == warmup_epochs``: the same, and ``update`` averages each task's losses
+      over the epoch: the nadir vector ``z_k``;
+    - after: ``l_k = log(L_k / z_k + 1e-20)``, ``m = max_k l_k`` (no gradient),
+      ``total = K mu log(sum_k exp((l_k - m) / mu))`` (the reference's value,
+      ``m`` included; its gradient is ``K`` times a softmax-weighted sum of the
+      ``grad L_k / (L_k + 1e-20 z_k)``).
+
+    Scale: ``aux["weights"] = d total / d L_k`` (``1 / L_k`` in warm-up: a sum of
+    log-losses). Absent tasks: left out of the sums and the factor K (their
+    number), and not averaged into their nadir (a task never seen while it is
+    collected has ``z_k = 1``). State: ``loss_sum`` f32[K], ``loss_count`` i32[K]
+    (the nadir's running sum), ``step``.
+    """
+
+    mu: float = 1.0
+    warmup_epochs: int = 4
+    steps_per_epoch: int = 100
+    name: ClassVar[str] = "stch"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.mu > 0:
+            raise ConfigError(f"weighting.mu: must be positive, got {self.mu}")
+        if self.warmup_epochs < 0 or self.steps_per_epoch < 1:
+            raise ConfigError("weighting.warmup_epochs must be >= 0 and steps_per_epoch >= 1, "
+                              f"got {self.warmup_epochs}, {self.steps_per_epoch}")
+
+    def _init_state(self) -> State:
+        k = self.num_tasks
+        return {"loss_sum": jnp.zeros((k,), jnp.float32), "loss_count": jnp.zeros((k,), jnp.int32)}
+
+    def epoch(self, state: State) -> jax.Array:
+        """The reference's epoch number for this step."""
+        return state["step"] // self.steps_per_epoch
+
+    def _total(self, losses, mask, nadir, warm):
+        safe = jnp.where(mask, losses, 1.0)
+        log_sum = jnp.sum(jnp.where(mask, jnp.log(safe + 1e-20), 0.0))
+        ls = jnp.where(mask, jnp.log(safe / nadir + 1e-20), 0.0)
+        m = jax.lax.stop_gradient(jnp.max(jnp.where(mask, ls, -jnp.inf)))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        e = jnp.where(mask, jnp.exp(jnp.where(mask, ls - m, 0.0) / self.mu), 0.0)
+        stch = self.mu * jnp.log(jnp.maximum(jnp.sum(e), 1e-30)) * num_present(mask)
+        return jnp.where(warm, log_sum, jnp.where(jnp.any(mask), stch, 0.0))
+
+    def _combine(self, losses, mask, state, params):
+        warm = self.epoch(state) <= self.warmup_epochs
+        nadir = _loss_means(state)
+        total, w = jax.value_and_grad(self._total)(losses, mask, nadir, warm)
+        return total, {"weights": jnp.where(mask, w, 0.0), "nadir": nadir}
+
+    def _update(self, state, losses, mask, new_losses, new_mask):
+        return _loss_mean_of_first_epochs(state, losses, mask,
+                                          self.epoch(state) == self.warmup_epochs)
