@@ -5,14 +5,21 @@
 - loss-based (:class:`LossWeighting`): ``static``, ``uncertainty`` (Kendall et al.
   2018), ``dwa`` (Liu et al. 2019), ``famo`` (Liu et al. 2023);
 - gradient-based (:class:`GradWeighting`): ``pcgrad`` (Yu et al. 2020), ``mgda``
-  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023).
+  (Sener and Koltun 2018), ``cagrad`` (Liu et al. 2021), ``getmtl`` (Chai et al. 2023),
+  and the ports of torchjd 0.18's aggregators (:mod:`mtop_jax.weighting.aggregators`):
+  ``upgrad`` (Quinton and Rey 2024), ``dualproj`` (Lopez-Paz and Ranzato 2017),
+  ``imtlg`` (Liu et al. 2021), ``alignedmtl`` (Senushkin et al. 2023),
+  ``conflictfree`` (ConFIG, Liu et al. 2025), ``gradvac`` (Wang et al. 2021),
+  ``graddrop`` (Chen et al. 2020).
 
 A method is an immutable, hashable object holding hyper-parameters only. Its
 *state* (``method.init()``) is a dict of jnp arrays, always with an int32
 ``"step"``: thread it through the step and save it in checkpoints next to the
 optimizer state. Everything is jnp (no host callback, no scipy): the min-norm and
 CAGrad problems are solved on the K x K Gram matrix with a fixed number of
-Frank-Wolfe steps (:mod:`mtop_jax.weighting.min_norm`).
+Frank-Wolfe steps (:mod:`mtop_jax.weighting.min_norm`), UPGrad's and DualProj's
+dual-cone QP with fixed active-set and coordinate-descent steps
+(:mod:`mtop_jax.weighting.dual_cone`).
 
 Inputs: ``losses: f32[K]``, each task's mean loss over its labelled examples, and
 ``present: bool[K]``, whether the batch has a labelled example of the task. An
@@ -61,7 +68,8 @@ Gradient-based, inside ``jax.jit``::
     updates, opt_state = tx.update(grad, opt_state, params)
     params = optax.apply_updates(params, updates)
 
-``key`` only matters for ``pcgrad`` (its random projection order); pass a fresh
+``key`` only matters for ``pcgrad`` and ``gradvac`` (their random orders) and
+``graddrop`` (its uniforms); pass a fresh
 ``jax.random.fold_in(key, step)`` per step (the trainer folds the step into a key
 of ``train.seed``). A flat gradient matrix ``G: [K, D]`` is the one-leaf tree
 ``{"g": G}``.
@@ -71,7 +79,11 @@ Scales: with equal weights ``static`` gives the sum of the task losses,
 to K), ``famo`` a convex combination of the gradients (``c z_k / L_k`` sums to 1),
 ``pcgrad`` a sum of projected gradients, ``mgda`` a convex combination, ``cagrad``
 and ``getmtl`` K times their normalised direction (the authors' "match the sum
-loss"). Each follows its paper or reference code.
+loss"); as in torchjd, ``upgrad`` the mean of the projected gradients, ``dualproj``
+the projected mean, ``imtlg`` weights summing to 1, ``alignedmtl`` the mean of the
+aligned gradients, ``conflictfree`` the sum of the gradients' projections on its
+direction, ``gradvac`` and ``graddrop`` sums. Each follows its paper or reference
+code.
 """
 
 from __future__ import annotations
@@ -79,6 +91,16 @@ from __future__ import annotations
 import dataclasses
 
 from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.aggregators import (
+    IMTLG,
+    AlignedMTL,
+    ConFIG,
+    DualProj,
+    GradDrop,
+    GradVac,
+    UPGrad,
+    graddrop_direction,
+)
 from mtop_jax.weighting.base import (
     Aux,
     GradWeighting,
@@ -88,6 +110,7 @@ from mtop_jax.weighting.base import (
     Weighting,
     masked_softmax,
 )
+from mtop_jax.weighting.dual_cone import pinv_psd, project_dual_cone
 from mtop_jax.weighting.gradient_based import MGDA, CAGrad, GetMTL, PCGrad, gradient_scales
 from mtop_jax.weighting.grads import (
     combine_grad_tree,
@@ -99,7 +122,8 @@ from mtop_jax.weighting.min_norm import cagrad_simplex, min_norm_simplex
 
 #: name -> class, loss-based first
 WEIGHTINGS: dict[str, type[Weighting]] = {
-    cls.name: cls for cls in (Static, Uncertainty, DWA, FAMO, PCGrad, MGDA, CAGrad, GetMTL)
+    cls.name: cls for cls in (Static, Uncertainty, DWA, FAMO, PCGrad, MGDA, CAGrad, GetMTL,
+                              UPGrad, DualProj, IMTLG, AlignedMTL, ConFIG, GradVac, GradDrop)
 }
 LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
 GRADIENT_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "grad")
@@ -110,7 +134,9 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 
     ``kwargs`` are the class's fields (e.g. ``weights`` for static, ``temperature``
     for dwa, ``beta``/``gamma``/``optimizer`` for famo, ``c`` for cagrad, ``alpha``
-    for getmtl, ``normalization``/``num_iters`` for mgda). Raises ``ConfigError`` on
+    for getmtl, ``normalization``/``num_iters`` for mgda, ``pref_vector`` for upgrad,
+    dualproj, alignedmtl and conflictfree, ``beta`` for gradvac, ``leak`` for
+    graddrop). Raises ``ConfigError`` on
     an unknown name or argument.
     """
     cls = WEIGHTINGS.get(str(name).lower())
@@ -126,18 +152,25 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 
 
 __all__ = [
+    "AlignedMTL",
     "Aux",
     "CAGrad",
+    "ConFIG",
     "DWA",
+    "DualProj",
     "FAMO",
     "GRADIENT_BASED",
     "GetMTL",
+    "GradDrop",
+    "GradVac",
     "GradWeighting",
+    "IMTLG",
     "LOSS_BASED",
     "LossWeighting",
     "MGDA",
     "PCGrad",
     "Params",
+    "UPGrad",
     "State",
     "Static",
     "Uncertainty",
@@ -146,9 +179,12 @@ __all__ = [
     "cagrad_simplex",
     "combine_grad_tree",
     "gradient_scales",
+    "graddrop_direction",
     "gram_of_tree",
     "make_weighting",
     "masked_softmax",
     "min_norm_simplex",
     "per_task_grads",
+    "pinv_psd",
+    "project_dual_cone",
 ]
