@@ -12,7 +12,8 @@ holds LibMTL's methods). Keys, for each case name ``c`` in ``cases``:
 
 - ``c.J: f32[K, D]`` the Jacobian (a row per task; absent rows are garbage),
   ``c.present: bool[K]``, ``c.pref: f64[K]`` the preference vector of the ``*_pref``
-  runs (its present entries are handed to torchjd);
+  runs, the first K entries of ``linspace(0.5, 1.5, 8)`` (its present entries are
+  handed to torchjd);
 - ``c.<method>.d: f64[D]`` torchjd's aggregation of the *present* rows, in float64;
   ``c.<method>.weights: f64[K]`` its weights where it has some (0 on absent tasks);
   ``c.<method>.d32``/``weights32``: the same in float32 (where eigenvalue cut-offs,
@@ -57,6 +58,8 @@ from torchjd.aggregation._aggregator_bases import GramianWeightedAggregator
 from torchjd.aggregation._gradvac import GradVacWeighting
 
 DTYPE = torch.float64
+#: the preference vector of the ``*_pref`` runs: its first K entries for K tasks
+PREF = np.linspace(0.5, 1.5, 8)
 
 
 class ExactProjector(QuadprogProjector):
@@ -139,7 +142,7 @@ def record_case(name: str, J: np.ndarray, present: np.ndarray, rng: np.random.Ge
                 out: dict) -> None:
     k, d = J.shape
     Jp = _t(J[present])
-    pref = np.linspace(0.5, 1.5, k)
+    pref = PREF[:k]
     pref_t = _t(pref[present])
     out[f"{name}.J"], out[f"{name}.present"], out[f"{name}.pref"] = J, present, pref
     for suffix, dtype in [("", DTYPE), ("32", torch.float32)]:
