@@ -47,11 +47,15 @@ def static_run(devices):
 
 
 # make test: one method per path of the step (static; learned parameters; the losses
-# after the step; per-task gradients); make test-all: all. Every method's own
-# arithmetic, and that it changes the update, is tested jitted in test_weighting.py.
+# after the step; per-task gradients combined from their Gram matrix; per coordinate,
+# graddrop's own combine_shared); make test-all: all. Every method's own arithmetic,
+# and that it changes the update, is tested jitted in test_weighting.py (and against
+# torchjd in test_weighting_reference.py).
 @pytest.mark.parametrize("method", [
-    "static", "uncertainty", "famo", "pcgrad",
-    *(pytest.param(m, marks=pytest.mark.slow) for m in ("dwa", "mgda", "cagrad", "getmtl"))])
+    "static", "uncertainty", "famo", "pcgrad", "graddrop",
+    *(pytest.param(m, marks=pytest.mark.slow) for m in (
+        "dwa", "mgda", "cagrad", "getmtl", "upgrad", "dualproj", "imtlg", "alignedmtl",
+        "conflictfree", "gradvac"))])
 def test_every_weighting_method_trains_without_nan(method, devices, static_run):
     got = weighting_run(method, devices)
     state, steps = got["state"], got["steps"]
