@@ -80,6 +80,12 @@ def test_every_weighting_method_trains_without_nan(method, devices, static_run):
     # ... and its weights (the coefficient of each present task's loss or gradient) are
     # not those of static (all 1) up to a common factor, at some step.
     weights = [np.asarray(m["weighting/weights"])[np.asarray(m["present"])] for m in steps]
+    if method == "dualproj":
+        # Here the mean gradient never conflicts with a task's gradient, so DualProj
+        # leaves it as it is (weights 1/K; the sum's update differs through clip_norm).
+        for w in weights:
+            np.testing.assert_allclose(w, 1.0 / len(w), rtol=1e-5)
+        return
     spread = [float(np.ptp(w) / np.mean(w)) for w in weights]
     assert max(spread) > 1e-3, (method, spread)
     # Equal to static by construction on the first steps (the warmup's first step has

@@ -180,7 +180,8 @@ class AlignedMTL(GradWeighting):
     gradients' components are made orthogonal with equal norms ``sqrt(s)``.
     ``scale_mode`` picks ``s``: ``"min"`` (default) the smallest kept eigenvalue,
     ``"median"`` the lower median, ``"rmse"`` the mean (the original code's). With no
-    eigenvalue kept (all gradients 0), ``weights = u``.
+    eigenvalue kept (all gradients 0), ``weights = u``. Scale: with the default ``u``
+    the mean of the aligned gradients, each of norm ``sqrt(s)``.
     """
 
     pref_vector: tuple[float, ...] | None = None
