@@ -28,7 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from mtop_jax.errors import ConfigError
-from mtop_jax.weighting.base import GradWeighting, State, as_mask, check_losses, uniform_over
+from mtop_jax.weighting.base import (
+    GradWeighting,
+    State,
+    as_mask,
+    check_losses,
+    task_orders,
+    uniform_over,
+)
 from mtop_jax.weighting.dual_cone import (
     CD_SWEEPS,
     F32_EPS,
@@ -288,10 +295,7 @@ class GradVac(GradWeighting):
 
     def _weights(self, gram, losses, mask, state, key):
         k = self.num_tasks
-        if key is None:
-            orders = jnp.broadcast_to(jnp.arange(k), (k, k))
-        else:
-            orders = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, k))
+        orders = task_orders(key, k)
         beta, eps = self.beta, self.eps
         norm_j = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
 

@@ -79,6 +79,18 @@ def uniform_over(mask: jax.Array) -> jax.Array:
     return m / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def task_orders(key: jax.Array | None, num_tasks: int) -> jax.Array:
+    """``int32[K, K]``: row i an order in which task i visits the tasks (PCGrad, GradVac).
+
+    Each row is its own permutation drawn from ``key`` (the same key, the same
+    orders); ``key=None`` gives ``0..K-1`` for every task.
+    """
+    if key is None:
+        return jnp.broadcast_to(jnp.arange(num_tasks), (num_tasks, num_tasks))
+    keys = jax.random.split(key, num_tasks)
+    return jax.vmap(lambda kk: jax.random.permutation(kk, num_tasks))(keys)
+
+
 _HI = jax.lax.Precision.HIGHEST
 
 
