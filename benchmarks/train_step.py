@@ -69,7 +69,7 @@ from mtop_jax.training.setup import load_tokenizer, setup
 from mtop_jax.training.steps import BATCH_KEYS
 from mtop_jax.weighting import WEIGHTINGS
 
-METHODS = tuple(WEIGHTINGS)  # static, uncertainty, dwa, famo, pcgrad, mgda, cagrad, getmtl
+METHODS = tuple(WEIGHTINGS)  # every registered method (mtop_jax.weighting.WEIGHTINGS)
 DTYPES = ("float32", "bfloat16")
 
 FULL = dict(sizes="tiny,minilm", modes=",".join(MODES), methods=",".join(METHODS),

@@ -11,14 +11,22 @@
   ``gradnorm`` (Chen et al. 2018), ``nashmtl`` (Navon et al. 2022), ``fairgrad`` (Ban and
   Ji 2024), ``dbmtl`` (Lin et al. 2023), each equal to LibMTL's or torchjd's
   (tests/test_weighting_reference_libmtl.py). ``dbmtl``'s state is an EMA of the
-  shared gradients: ``method.init(grads_like=select_shared(params, is_shared))``.
+  shared gradients: ``method.init(grads_like=select_shared(params, is_shared))``;
+  and the ports of torchjd 0.18's aggregators (:mod:`mtop_jax.weighting.aggregators`,
+  tests/test_weighting_reference.py):
+  ``upgrad`` (Quinton and Rey 2024), ``dualproj`` (Lopez-Paz and Ranzato 2017),
+  ``imtlg`` (Liu et al. 2021), ``alignedmtl`` (Senushkin et al. 2023),
+  ``conflictfree`` (ConFIG, Liu et al. 2025), ``gradvac`` (Wang et al. 2021),
+  ``graddrop`` (Chen et al. 2020).
 
 A method is an immutable, hashable object holding hyper-parameters only. Its
 *state* (``method.init()``) is a dict of jnp arrays, always with an int32
 ``"step"``: thread it through the step and save it in checkpoints next to the
 optimizer state. Everything is jnp (no host callback, no scipy): the min-norm and
 CAGrad problems are solved on the K x K Gram matrix with a fixed number of
-Frank-Wolfe steps (:mod:`mtop_jax.weighting.min_norm`).
+Frank-Wolfe steps (:mod:`mtop_jax.weighting.min_norm`), UPGrad's and DualProj's
+dual-cone QP with fixed active-set and coordinate-descent steps
+(:mod:`mtop_jax.weighting.dual_cone`).
 
 Inputs: ``losses: f32[K]``, each task's mean loss over its labelled examples, and
 ``present: bool[K]``, whether the batch has a labelled example of the task. An
@@ -67,7 +75,8 @@ Gradient-based, inside ``jax.jit``::
     updates, opt_state = tx.update(grad, opt_state, params)
     params = optax.apply_updates(params, updates)
 
-``key`` only matters for ``pcgrad`` (its random projection order); pass a fresh
+``key`` only matters for ``pcgrad`` and ``gradvac`` (their random orders) and
+``graddrop`` (its uniforms); pass a fresh
 ``jax.random.fold_in(key, step)`` per step (the trainer folds the step into a key
 of ``train.seed``). A flat gradient matrix ``G: [K, D]`` is the one-leaf tree
 ``{"g": G}``.
@@ -85,7 +94,11 @@ geometric mean, ``stch`` the sum of log-losses in warm-up then ``K mu logsumexp`
 ``gradnorm`` weights summing to K, ``nashmtl`` the Nash solution clipped to
 ``|d| <= max_norm`` (1), ``fairgrad`` the unnormalised root of ``G G^T w =
 w^(-1/alpha)``, ``dbmtl`` buffers rescaled to the largest norm. ``stch`` and
-``gradnorm`` count the references' epochs as ``steps_per_epoch`` steps.
+``gradnorm`` count the references' epochs as ``steps_per_epoch`` steps. As in
+torchjd, ``upgrad`` the mean of the projected gradients, ``dualproj`` the projected
+mean, ``imtlg`` weights summing to 1, ``alignedmtl`` the mean of the aligned
+gradients, ``conflictfree`` the sum of the gradients' projections on its direction,
+``gradvac`` and ``graddrop`` sums.
 """
 
 from __future__ import annotations
@@ -93,6 +106,16 @@ from __future__ import annotations
 import dataclasses
 
 from mtop_jax.errors import ConfigError
+from mtop_jax.weighting.aggregators import (
+    IMTLG,
+    AlignedMTL,
+    ConFIG,
+    DualProj,
+    GradDrop,
+    GradVac,
+    UPGrad,
+    graddrop_direction,
+)
 from mtop_jax.weighting.balancing import (
     DBMTL,
     FairGrad,
@@ -109,6 +132,7 @@ from mtop_jax.weighting.base import (
     Weighting,
     masked_softmax,
 )
+from mtop_jax.weighting.dual_cone import pinv_psd, project_dual_cone
 from mtop_jax.weighting.gradient_based import MGDA, CAGrad, GetMTL, PCGrad, gradient_scales
 from mtop_jax.weighting.grads import (
     combine_grad_tree,
@@ -126,6 +150,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
         RLW, GLS, STCH,
         PCGrad, MGDA, CAGrad, GetMTL,
         GradNorm, NashMTL, FairGrad, DBMTL,
+        UPGrad, DualProj, IMTLG, AlignedMTL, ConFIG, GradVac, GradDrop,
     )
 }
 LOSS_BASED = tuple(n for n, c in WEIGHTINGS.items() if c.kind == "loss")
@@ -137,7 +162,9 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 
     ``kwargs`` are the class's fields (e.g. ``weights`` for static, ``temperature``
     for dwa, ``beta``/``gamma``/``optimizer`` for famo, ``c`` for cagrad, ``alpha``
-    for getmtl, ``normalization``/``num_iters`` for mgda). Raises ``ConfigError`` on
+    for getmtl, ``normalization``/``num_iters`` for mgda, ``pref_vector`` for upgrad,
+    dualproj, alignedmtl and conflictfree, ``beta`` for gradvac, ``leak`` for
+    graddrop). Raises ``ConfigError`` on
     an unknown name or argument.
     """
     cls = WEIGHTINGS.get(str(name).lower())
@@ -153,17 +180,23 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
 
 
 __all__ = [
+    "AlignedMTL",
     "Aux",
     "CAGrad",
+    "ConFIG",
     "DBMTL",
     "DWA",
+    "DualProj",
     "FAMO",
     "FairGrad",
     "GLS",
     "GRADIENT_BASED",
     "GetMTL",
+    "GradDrop",
     "GradNorm",
+    "GradVac",
     "GradWeighting",
+    "IMTLG",
     "LOSS_BASED",
     "LossWeighting",
     "MGDA",
@@ -174,17 +207,21 @@ __all__ = [
     "STCH",
     "State",
     "Static",
+    "UPGrad",
     "Uncertainty",
     "WEIGHTINGS",
     "Weighting",
     "alpha_fair_weights",
     "cagrad_simplex",
     "combine_grad_tree",
+    "graddrop_direction",
     "gradient_scales",
     "gram_of_tree",
     "make_weighting",
     "masked_softmax",
     "min_norm_simplex",
     "per_task_grads",
+    "pinv_psd",
+    "project_dual_cone",
     "select_shared",
 ]

@@ -12,7 +12,9 @@ and optimises together with the model.
   ``update(state, losses, present, ...)`` advances the state after the step.
 - :class:`GradWeighting`: ``weights_from_gram(gram, losses, present, state, key)``
   turns the Gram matrix of the per-task gradients into per-task coefficients;
-  ``combine_grad_tree`` applies them to the per-task gradients.
+  ``combine_shared`` applies them to the per-task gradient leaves (a method that is
+  not a linear combination of the gradients, GradDrop, overrides it instead), and
+  ``combine_grad_tree`` calls it on the shared leaves of a gradient tree.
 
 Every method reads a ``present: bool[K]`` mask (``None``: all present). An absent
 task (no labelled example in the batch) gets weight 0, its loss is never read
@@ -75,6 +77,35 @@ def uniform_over(mask: jax.Array) -> jax.Array:
     """1/K_p on the present tasks, 0 elsewhere (all 0 if none is present)."""
     m = mask.astype(jnp.float32)
     return m / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def task_orders(key: jax.Array | None, num_tasks: int) -> jax.Array:
+    """``int32[K, K]``: row i an order in which task i visits the tasks (PCGrad, GradVac).
+
+    Each row is its own permutation drawn from ``key`` (the same key, the same
+    orders); ``key=None`` gives ``0..K-1`` for every task.
+    """
+    if key is None:
+        return jnp.broadcast_to(jnp.arange(num_tasks), (num_tasks, num_tasks))
+    keys = jax.random.split(key, num_tasks)
+    return jax.vmap(lambda kk: jax.random.permutation(kk, num_tasks))(keys)
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def contract(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``[K, ...] x [K, ...] -> [K, K]`` contracting every non-leading axis, in float32."""
+    axes = tuple(range(1, a.ndim))
+    return jax.lax.dot_general(a, b, ((axes, axes), ((), ())), precision=_HI,
+                               preferred_element_type=jnp.float32)
+
+
+def weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """``sum_k weights_k x[k]`` in float32, cast back to ``x``'s dtype."""
+    out = jax.lax.dot_general(weights.astype(jnp.float32), x, (((0,), (0,)), ((), ())),
+                              precision=_HI, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
 
 
 def _check_num_tasks(own: int, num_tasks: int | None, what: str) -> int:
@@ -201,12 +232,15 @@ class LossWeighting(Weighting):
 class GradWeighting(Weighting):
     """A weighting that combines per-task gradients of the shared parameters.
 
-    Every method here depends on the gradients only through their Gram matrix
-    ``gram = G G^T`` (and the losses), and returns a direction that is a linear
-    combination ``d = sum_k weights_k g_k``. So the core is
-    :meth:`weights_from_gram`, and :func:`~mtop_jax.weighting.grads.combine_grad_tree`
-    applies it to per-task gradient pytrees (a flat ``[K, D]`` matrix is the one-leaf
-    case). The update is ``state -> new_state`` inside the call.
+    Almost every method here depends on the gradients only through their Gram
+    matrix ``gram = G G^T`` (and the losses), and returns a direction that is a
+    linear combination ``d = sum_k weights_k g_k``. So the core is
+    :meth:`weights_from_gram`; :meth:`combine_shared` applies it to the stacked
+    per-task gradient leaves, and :func:`~mtop_jax.weighting.grads.combine_grad_tree`
+    to per-task gradient pytrees (a flat ``[K, D]`` matrix is the one-leaf case). A
+    method that acts coordinate by coordinate (GradDrop) overrides
+    :meth:`combine_shared` and has no :meth:`weights_from_gram`. The update is
+    ``state -> new_state`` inside the call.
     """
 
     kind: ClassVar[str] = "grad"
@@ -240,6 +274,27 @@ class GradWeighting(Weighting):
         weights = jnp.where(mask, weights, 0.0)
         aux = {"weights": weights, **aux}
         return weights, {**new_state, "step": state["step"] + 1}, aux
+
+    def combine_shared(
+        self,
+        leaves: list[jax.Array],
+        losses: jax.Array,
+        present: jax.Array | None,
+        state: State,
+        key: jax.Array | None = None,
+    ) -> tuple[list[jax.Array], State, Aux]:
+        """``(d_leaves, new_state, aux)``: the direction on stacked per-task leaves ``[K, ...]``.
+
+        The leaves' absent rows must already be zero (``combine_grad_tree`` does it).
+        Default: ``d = sum_k weights_k g_k`` with the weights of :meth:`weights_from_gram`
+        on the Gram matrix summed leaf by leaf (no concatenation, so each leaf keeps
+        its sharding).
+        """
+        gram = jnp.zeros((self.num_tasks, self.num_tasks), jnp.float32)
+        for x in leaves:
+            gram = gram + contract(x, x)
+        weights, state, aux = self.weights_from_gram(gram, losses, present, state, key)
+        return [weighted_sum(weights, x) for x in leaves], state, aux
 
     @abc.abstractmethod
     def _weights(

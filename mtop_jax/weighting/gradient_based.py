@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from mtop_jax.errors import ConfigError
-from mtop_jax.weighting.base import GradWeighting, State, masked_softmax, num_present, uniform_over
+from mtop_jax.weighting.base import (
+    GradWeighting,
+    State,
+    masked_softmax,
+    num_present,
+    task_orders,
+    uniform_over,
+)
 from mtop_jax.weighting.min_norm import DEFAULT_ITERS, cagrad_simplex, min_norm_simplex
 
 #: Gradient normalisations for the min-norm problems (Sener and Koltun's code):
@@ -84,10 +91,7 @@ class PCGrad(GradWeighting):
 
     def _weights(self, gram, losses, mask, state, key):
         k = self.num_tasks
-        if key is None:
-            orders = jnp.broadcast_to(jnp.arange(k), (k, k))
-        else:
-            orders = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, k))
+        orders = task_orders(key, k)
         rows = jnp.arange(k)
         sq = jnp.diagonal(gram)
 

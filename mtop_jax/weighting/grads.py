@@ -20,15 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from mtop_jax.errors import ConfigError
-from mtop_jax.weighting.base import Aux, GradWeighting, State, as_mask
+from mtop_jax.weighting.base import Aux, GradWeighting, State, as_mask, contract, weighted_sum
 
 PyTree = Any
 #: Which gradient leaves the method acts on: None (all), a pytree of bools with the
 #: structure of the parameters, or ``fn(path, leaf) -> bool`` (``path`` as in
 #: ``jax.tree_util.tree_flatten_with_path``; ``leaf`` is the stacked [K, ...] gradient).
 SharedSpec = PyTree | Callable[[tuple, jax.Array], bool] | None
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def per_task_grads(
@@ -58,13 +56,6 @@ def per_task_grads(
     return ((losses, aux) if has_aux else losses), grads
 
 
-def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``[K, ...] x [K, ...] -> [K, K]`` contracting every non-leading axis, in float32."""
-    axes = tuple(range(1, a.ndim))
-    return jax.lax.dot_general(a, b, ((axes, axes), ((), ())), precision=_HI,
-                               preferred_element_type=jnp.float32)
-
-
 def gram_of_tree(grads: PyTree, present: jax.Array | None = None) -> jax.Array:
     """``G G^T: f32[K, K]`` of stacked per-task gradients, leaf by leaf (no concatenation)."""
     leaves = jax.tree.leaves(grads)
@@ -75,7 +66,7 @@ def gram_of_tree(grads: PyTree, present: jax.Array | None = None) -> jax.Array:
     gram = jnp.zeros((k, k), jnp.float32)
     for leaf in leaves:
         leaf = _mask_rows(leaf, mask)
-        gram = gram + _contract(leaf, leaf)
+        gram = gram + contract(leaf, leaf)
     return gram
 
 
@@ -88,13 +79,6 @@ def select_shared(tree: PyTree, shared: SharedSpec = None) -> list[jax.Array]:
 
 def _mask_rows(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
-
-
-def _weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
-    """``sum_k weights_k x[k]`` in float32, cast back to ``x``'s dtype."""
-    out = jax.lax.dot_general(weights.astype(jnp.float32), x, (((0,), (0,)), ((), ())),
-                              precision=_HI, preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
 
 
 def _shared_flags(grads: PyTree, shared: SharedSpec) -> list[bool]:
@@ -124,9 +108,10 @@ def combine_grad_tree(
 
     Returns ``(grad, new_state, aux)``: ``grad`` has the structure of one task's
     gradients (feed it to ``optimizer.update``). On the ``shared`` leaves it is the
-    method's direction ``sum_k weights_k g_k`` (weights from the Gram matrix of the
-    shared leaves only); on the other leaves the plain sum over present tasks. A method
-    with ``transform_grads`` (DB-MTL) first replaces the gradients by what it combines.
+    method's direction (:meth:`GradWeighting.combine_shared`: ``sum_k weights_k g_k``
+    with weights from the Gram matrix of the shared leaves only, for all but
+    GradDrop); on the other leaves the plain sum over present tasks. A method with
+    ``transform_grads`` (DB-MTL) first replaces the gradients by what it combines.
     """
     leaves, treedef = jax.tree.flatten(grads)
     k = method.num_tasks
@@ -144,12 +129,10 @@ def combine_grad_tree(
     shared_leaves = [x for x, f in zip(leaves, flags, strict=True) if f]
     if not shared_leaves:
         raise ConfigError("combine_grad_tree: no leaf is marked shared")
-    gram = jnp.zeros((k, k), jnp.float32)
-    for x in shared_leaves:
-        gram = gram + _contract(x, x)
-    weights, state, aux = method.weights_from_gram(gram, losses, mask, state, key)
+    shared_out, state, aux = method.combine_shared(shared_leaves, losses, mask, state, key)
+    shared_out = iter(shared_out)
     ones = mask.astype(jnp.float32)
-    out = [_weighted_sum(weights if f else ones, x).astype(dt)
+    out = [(next(shared_out) if f else weighted_sum(ones, x)).astype(dt)
            for x, f, dt in zip(leaves, flags, dtypes, strict=True)]
     return jax.tree.unflatten(treedef, out), state, aux
 
