@@ -11,7 +11,7 @@ from flax import nnx
 from mtop_jax.config.loading import load_config
 from mtop_jax.data.pipeline import build_dataset
 from mtop_jax.parallel.sharding import to_global
-from mtop_jax.training.setup import load_tokenizer, setup
+from mtop_jax.training.setup import build_weighting, load_tokenizer, setup
 from mtop_jax.training.steps import BATCH_KEYS
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.py")
@@ -112,3 +112,34 @@ def test_every_weighting_method_trains_without_nan(method, devices, static_run):
     if method == "dbmtl":  # one buffer per shared parameter, K rows each
         k = len(steps[0]["present"])
         assert all(b.shape[0] == k for b in state.weighting["state"]["buffer"])
+
+
+def test_rlw_draws_follow_train_seed():
+    """rlw's random weights come from ``train.seed`` (unless ``weighting.kwargs.seed``
+    is set): the same seed draws the same weights, another seed other weights."""
+
+    def draws(seed: int, *overrides: str) -> np.ndarray:
+        config = tiny_config("--config.mesh.data=1", "--config.weighting.method=rlw",
+                             f"--config.train.seed={seed}", *overrides)
+        method = build_weighting(config.weighting, 3, seed=config.train.seed)
+        state, out = method.init(), []
+        for _ in range(3):
+            out.append(method.combine(np.ones(3, np.float32), None, state)[1]["weights"])
+            state = method.update(state, np.ones(3, np.float32))
+        return np.stack(out)
+
+    np.testing.assert_array_equal(draws(0), draws(0))
+    assert not np.allclose(draws(0), draws(1))
+    np.testing.assert_array_equal(draws(0, "--config.weighting.kwargs.seed=5"),
+                                  draws(1, "--config.weighting.kwargs.seed=5"))
+
+
+@pytest.mark.slow  # builds the tiny model (20 s on a busy 2-core CPU)
+def test_the_trainer_builds_rlw_with_train_seed(devices):
+    """``setup`` hands ``train.seed`` to the method (the wiring the test above assumes)."""
+    config = tiny_config("--config.mesh.data=1", "--config.weighting.method=rlw",
+                         "--config.train.seed=7")
+    tokenizer = load_tokenizer(config)
+    run = setup(config, build_dataset(config.data, tokenizer, "train").tasks, tokenizer,
+                devices=devices[:1])
+    assert run.weighting.seed == 7

@@ -6,7 +6,8 @@ with :func:`parse_arg` into the options it declares (a bare word sets its
 first option: ``configs/glue.py:shared``). ``--config.a.b=value`` then
 overrides single fields. Values are parsed as Python literals where they can
 be (``3``, ``0.1``, ``True``, ``(64, 128)``, ``None``); a ``str`` field takes
-the raw text. A field must exist, and a new value must have the field's type.
+the raw text. A field must exist, and a new value must have the field's type;
+only ``weighting.kwargs`` takes new keys (the method's hyper-parameters).
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
+#: Sections whose keys are not fixed by ``base_config``: an override may add a key there
+#: (``--config.weighting.kwargs.beta=0.1``); the method's own fields are checked when
+#: the config is (``mtop_jax.training.setup.build_weighting``).
+OPEN_SECTIONS = ("weighting.kwargs",)
+
+
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     """Set ``config.<key>`` (dotted) from its command-line text."""
     *parents, leaf = key.split(".")
@@ -123,6 +130,10 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
             known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             raise ConfigError(f"--config.{key}: {where} has no field {part!r}; known {known}")
         node = node[part]
+    if ".".join(parents) in OPEN_SECTIONS and isinstance(node, ml_collections.ConfigDict) \
+            and leaf not in node:
+        node[leaf] = parse_value(text)  # checked by its consumer (make_weighting)
+        return
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         where = ".".join(parents) or "config"
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []

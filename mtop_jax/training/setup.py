@@ -33,7 +33,13 @@ from mtop_jax.training.steps import (
     shared_mask,
     weighting_optimizer,
 )
-from mtop_jax.weighting import GradWeighting, LossWeighting, make_weighting, select_shared
+from mtop_jax.weighting import (
+    WEIGHTINGS,
+    GradWeighting,
+    LossWeighting,
+    make_weighting,
+    select_shared,
+)
 
 
 @dataclasses.dataclass
@@ -76,10 +82,23 @@ def checked_mesh(config: Any, devices=None) -> tuple[Mesh, list, NamedSharding]:
     return mesh, rules, data_sharding
 
 
-def build_weighting(cfg: ml_collections.ConfigDict, num_tasks: int
+def build_weighting(cfg: ml_collections.ConfigDict, num_tasks: int, *, seed: int = 0
                     ) -> LossWeighting | GradWeighting:
-    """``config.weighting`` -> a method of ``mtop_jax.weighting``."""
+    """``config.weighting`` -> a method of ``mtop_jax.weighting``.
+
+    ``seed`` (``train.seed``) goes to a method with a ``seed`` field (rlw's draws) unless
+    ``weighting.kwargs.seed`` sets one, so that runs with different train seeds draw
+    different weights, as they draw different orders for pcgrad and gradvac.
+    """
     kwargs = dict(cfg.kwargs)
+    cls = WEIGHTINGS.get(str(cfg.method).lower())
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_tasks"} if cls else set()
+    unknown = sorted(set(kwargs) - fields)
+    if cls is not None and unknown:  # named as the config spells them
+        raise ConfigError(f"weighting.kwargs.{unknown[0]}: not an option of method "
+                          f"{cls.name!r}; it takes {sorted(fields - {'weights'})}")
+    if "seed" in fields:
+        kwargs.setdefault("seed", int(seed))
     if cfg.weights is not None:
         if cfg.method != "static":
             raise ConfigError(f"weighting.weights: only for method 'static', not {cfg.method!r}")
@@ -111,7 +130,7 @@ def check_before_data(config: ml_collections.ConfigDict, devices=None) -> None:
     num_tasks = _configured_task_count(config)
     if num_tasks is None:  # tasks known only once the data is read: the method's own checks
         num_tasks = len(config.weighting.weights) if config.weighting.weights else 2
-    build_weighting(config.weighting, num_tasks)
+    build_weighting(config.weighting, num_tasks, seed=config.train.seed)
     if config.init.prompts not in PROMPT_INITS:
         raise ConfigError(f"init.prompts: expected one of {list(PROMPT_INITS)}, got "
                           f"{config.init.prompts!r}")
@@ -177,7 +196,7 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     and ``init.*`` written in), optimizer, train state and the jitted steps."""
     tcfg = config.train
     mesh, rules, data_sharding = checked_mesh(config, devices)
-    weighting = build_weighting(config.weighting, len(tasks))
+    weighting = build_weighting(config.weighting, len(tasks), seed=tcfg.seed)
     encoder_cfg, backbone = resolve_encoder(config, tokenizer)
     spec = ModelSpec(encoder=encoder_cfg, model=ModelConfig.from_dict(dict(config.model)),
                      tasks=tuple(tasks))

@@ -89,7 +89,8 @@ and ``getmtl`` K times their normalised direction (the authors' "match the sum
 loss"). Each follows its paper or reference code.
 
 Scales of the methods checked against LibMTL/torchjd: ``rlw`` a random convex
-combination (softmax of a normal draw keyed by ``seed`` and the step), ``gls`` the
+combination (softmax of a normal draw keyed by ``seed``, the trainer's ``train.seed``,
+and the step), ``gls`` the
 geometric mean, ``stch`` the sum of log-losses in warm-up then ``K mu logsumexp``,
 ``gradnorm`` weights summing to K, ``nashmtl`` the Nash solution clipped to
 ``|d| <= max_norm`` (1), ``fairgrad`` the unnormalised root of ``G G^T w =

@@ -287,7 +287,8 @@ class RLW(LossWeighting):
     combination of the losses, so the update is about 1/K of the summed one).
 
     Randomness without a key argument: the step's draw is
-    ``normal(fold_in(key(seed), state["step"]), (K,))`` (``seed``, default 0), so a
+    ``normal(fold_in(key(seed), state["step"]), (K,))`` (``seed``, default 0; the
+    trainer passes ``train.seed`` unless ``weighting.kwargs.seed`` is set), so a
     given state always draws the same weights, and a restored checkpoint draws
     what the uninterrupted run would. :meth:`weights_from_draw` is the
     deterministic part (what the reference test compares). Absent tasks: their
