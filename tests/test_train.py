@@ -277,3 +277,41 @@ def test_every_config_file_loads_and_is_valid(name):
         check_config(config)
         ModelConfig.from_dict(dict(config.model))
         assert config.model.mode == (arg or "mtop")
+
+
+#: Stateful weightings, with options that make their state move within 6 steps: stch's
+#: nadir is collected over steps 2-3 (epochs of 2 steps; the stop at 3 falls in it) and
+#: used from step 4; gradnorm's scales (and their Adam state) learn from step 1.
+STATEFUL = {"dbmtl": {}, "stch": {"steps_per_epoch": 2, "warmup_epochs": 1},
+            "gradvac": {}, "gradnorm": {"steps_per_epoch": 1, "learning_rate": 0.1}}
+SHORT = ["--config.train.steps=6", "--config.train.checkpoint_every=100",
+         "--config.train.log_every=3", "--config.train.eval_split=",
+         "--config.train.test_split=", "--config.predict_examples=0",
+         "--config.train.best_metric=", "--config.optim.learning_rate=0.003",
+         "--config.mesh.data=1"]
+
+
+@pytest.mark.parametrize("method", [
+    "dbmtl",  # gradient buffers, one per shared parameter
+    "stch",  # the nadir's running loss sums and counts
+    pytest.param("gradvac", marks=pytest.mark.slow),  # the EMA of the cosines
+    pytest.param("gradnorm", marks=pytest.mark.slow)])  # learned scales and their Adam
+def test_resume_keeps_the_weighting_state(method, tmp_path, devices):
+    """A run stopped at step 3 and resumed saves, at step 6, the state (parameters,
+    optimizer, the method's state) of the run that was never stopped."""
+    from fault_helpers import full_state
+
+    config = tiny_config(*SHORT, f"--config.weighting.method={method}")
+    config.weighting.kwargs.update(STATEFUL[method])
+    train(config, tmp_path / "straight", devices=devices[:1])
+    assert train(config, tmp_path / "resumed", devices=devices[:1], stop_at=3) == {}
+    mid = full_state(tmp_path / "resumed", 3)
+    moved = [k for k in mid if k.startswith("['weighting']['state']") and "step" not in k
+             and np.any(mid[k] != 0)]
+    assert moved, f"{method}: nothing in the weighting state to restore at step 3"
+    train(config, tmp_path / "resumed", devices=devices[:1])
+    a, b = full_state(tmp_path / "straight", 6), full_state(tmp_path / "resumed", 6)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("['weighting']['state']") for k in a)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method}: {key}")
