@@ -1,12 +1,15 @@
 """Config files and overrides: ``file.py:key=value`` args, raw str overrides, and every
 config check failing before any data is read."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from mtop_jax.config import load_config, parse_arg
 from mtop_jax.errors import ConfigError
+from mtop_jax.training.setup import build_weighting, check_before_data
+from mtop_jax.weighting import WEIGHTINGS
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.py")
 
@@ -78,3 +81,47 @@ def test_every_config_check_runs_before_any_data_is_read(override, field, device
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         train(config, tmp_path, devices=devices[:2])
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _other_value(default):
+    """A valid value other than a field's default (None: the default, left to the class)."""
+    if isinstance(default, bool) or default is None:
+        return default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return default / 2 if default else 0.5
+    return default  # str: an option name; the default is the one sure to be valid
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHTINGS))
+def test_every_weighting_option_is_set_from_the_command_line(method, devices):
+    """Each field of each method is ``--config.weighting.kwargs.<field>`` and reaches it."""
+    fields = [f for f in dataclasses.fields(WEIGHTINGS[method])
+              if f.name not in ("num_tasks", "weights", "optimizer")]
+    values = {f.name: _other_value(f.default) for f in fields}
+    config = load_config(TINY, [f"--config.weighting.method={method}",
+                                *(f"--config.weighting.kwargs.{k}={v!r}"
+                                  for k, v in values.items())])
+    assert dict(config.weighting.kwargs) == values
+    check_before_data(config, devices)
+    built = build_weighting(config.weighting, 3, seed=1)
+    for key, value in values.items():
+        assert getattr(built, key) == value, (method, key)
+
+
+@pytest.mark.parametrize("method, override, field", [
+    ("dwa", "temprature=1.0", "weighting.kwargs.temprature"),
+    ("rlw", "sed=3", "weighting.kwargs.sed"),
+    ("stch", "steps_per_epoch='10'", "weighting.kwargs.steps_per_epoch"),
+    ("dbmtl", "beta='high'", "weighting.kwargs.beta"),
+    ("gradvac", "beta=(0.1, 0.2)", "weighting.kwargs.beta"),
+    ("nashmtl", "num_iters=2.5", "weighting.kwargs.num_iters"),
+    ("gls", "mu=1.0", "weighting.kwargs.mu"),  # stch's, not gls's
+])
+def test_a_wrong_weighting_option_fails_the_config_check_naming_it(method, override, field,
+                                                                    devices):
+    config = load_config(TINY, [f"--config.weighting.method={method}",
+                                f"--config.weighting.kwargs.{override}"])
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_before_data(config, devices)

@@ -34,11 +34,12 @@ from mtop_jax.training.steps import (
     weighting_optimizer,
 )
 from mtop_jax.weighting import (
-    WEIGHTINGS,
     GradWeighting,
     LossWeighting,
+    check_weighting_kwargs,
     make_weighting,
     select_shared,
+    weighting_class,
 )
 
 
@@ -90,14 +91,8 @@ def build_weighting(cfg: ml_collections.ConfigDict, num_tasks: int, *, seed: int
     ``weighting.kwargs.seed`` sets one, so that runs with different train seeds draw
     different weights, as they draw different orders for pcgrad and gradvac.
     """
-    kwargs = dict(cfg.kwargs)
-    cls = WEIGHTINGS.get(str(cfg.method).lower())
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_tasks"} if cls else set()
-    unknown = sorted(set(kwargs) - fields)
-    if cls is not None and unknown:  # named as the config spells them
-        raise ConfigError(f"weighting.kwargs.{unknown[0]}: not an option of method "
-                          f"{cls.name!r}; it takes {sorted(fields - {'weights'})}")
-    if "seed" in fields:
+    kwargs = check_weighting_kwargs(cfg.method, dict(cfg.kwargs), prefix="weighting.kwargs")
+    if "seed" in {f.name for f in dataclasses.fields(weighting_class(cfg.method))}:
         kwargs.setdefault("seed", int(seed))
     if cfg.weights is not None:
         if cfg.method != "static":

@@ -168,16 +168,55 @@ def make_weighting(name: str, num_tasks: int, **kwargs) -> LossWeighting | GradW
     graddrop). Raises ``ConfigError`` on
     an unknown name or argument.
     """
+    cls = weighting_class(name)
+    kwargs = check_weighting_kwargs(name, kwargs)
+    try:
+        return cls(num_tasks=num_tasks, **kwargs)
+    except (TypeError, ValueError) as e:  # a value the class's own checks did not expect
+        raise ConfigError(f"weighting {cls.name!r}: {e}") from None
+
+
+def weighting_class(name: str) -> type[Weighting]:
+    """The class registered as ``name``; ``ConfigError`` listing the names if none is."""
     cls = WEIGHTINGS.get(str(name).lower())
     if cls is None:
         raise ConfigError(f"weighting: expected one of {tuple(WEIGHTINGS)}, got {name!r}")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_tasks"}
-    unknown = sorted(set(kwargs) - fields)
+    return cls
+
+
+def check_weighting_kwargs(name: str, kwargs: dict, prefix: str = "weighting") -> dict:
+    """``kwargs`` for method ``name``, once each names one of its fields and has its
+    default's type (an int field an int, a float field a number, given back as a float;
+    ``None`` defaults are left to the class).
+
+    Here rather than in each class so that a typo or a string where a number belongs fails
+    when the config is checked, named as ``<prefix>.<field>`` (the trainer passes
+    ``weighting.kwargs``), instead of deep in a jitted step.
+    """
+    cls = weighting_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "num_tasks"}
+    unknown = sorted(set(kwargs) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"weighting {cls.name!r}: unknown argument(s) {unknown}; accepted: {sorted(fields)}"
-        )
-    return cls(num_tasks=num_tasks, **kwargs)
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown argument of weighting {cls.name!r}; "
+                          f"it takes {sorted(fields)}")
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        default = fields[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            out[key] = float(value) if ok else value
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{prefix}.{key}: expected a {type(default).__name__} for "
+                              f"weighting {cls.name!r} (default {default!r}), got {value!r}")
+    return out
 
 
 __all__ = [
@@ -214,6 +253,7 @@ __all__ = [
     "Weighting",
     "alpha_fair_weights",
     "cagrad_simplex",
+    "check_weighting_kwargs",
     "combine_grad_tree",
     "graddrop_direction",
     "gradient_scales",
@@ -225,4 +265,5 @@ __all__ = [
     "pinv_psd",
     "project_dual_cone",
     "select_shared",
+    "weighting_class",
 ]
