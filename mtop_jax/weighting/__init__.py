@@ -105,6 +105,7 @@ gradients, ``conflictfree`` the sum of the gradients' projections on its directi
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from mtop_jax.errors import ConfigError
 from mtop_jax.weighting.aggregators import (
@@ -186,8 +187,8 @@ def weighting_class(name: str) -> type[Weighting]:
 
 def check_weighting_kwargs(name: str, kwargs: dict, prefix: str = "weighting") -> dict:
     """``kwargs`` for method ``name``, once each names one of its fields and has its
-    default's type (an int field an int, a float field a number, given back as a float;
-    ``None`` defaults are left to the class).
+    default's type (an int field an integer, a float field a number, given back as
+    Python ``int``/``float``; ``None`` defaults are left to the class).
 
     Here rather than in each class so that a typo or a string where a number belongs fails
     when the config is checked, named as ``<prefix>.<field>`` (the trainer passes
@@ -205,16 +206,17 @@ def check_weighting_kwargs(name: str, kwargs: dict, prefix: str = "weighting") -
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            out[key] = int(value) if ok else value
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             out[key] = float(value) if ok else value
         elif isinstance(default, str):
             ok = isinstance(value, str)
         else:
             ok = True
         if not ok:
-            raise ConfigError(f"{prefix}.{key}: expected a {type(default).__name__} for "
+            raise ConfigError(f"{prefix}.{key}: expected {type(default).__name__} for "
                               f"weighting {cls.name!r} (default {default!r}), got {value!r}")
     return out
 
