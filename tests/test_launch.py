@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,23 +48,27 @@ def all_dry_run(accelerator: str, zone: str, *extra: str) -> list[str]:
 
 def test_v4_8_dry_run():
     zone = "us-central2-b"
+    describe = "gcloud compute tpus tpu-vm describe mtop --zone=us-central2-b --format=json"
     assert all_dry_run("v4-8", zone) == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=us-central2-b '--format=value(state)'",
+        describe,
         "gcloud compute tpus tpu-vm create mtop --zone=us-central2-b --accelerator-type=v4-8 "
         "--version=tpu-ubuntu2204-base",
         SETUP.format(zone=zone),
+        describe,  # run reads the VM's type and workers (a dry run takes the flag's)
         RUN.format(zone=zone, env=""),  # one host: no jax.distributed
     ]
 
 
 def test_v5e_16_dry_run():
     zone = "us-west4-a"
+    describe = ("gcloud compute tpus tpu-vm describe mtop --zone=us-west4-a "
+                "--project=my-project --format=json")
     assert all_dry_run("v5e-16", zone, "--spot", "--project", "my-project") == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=us-west4-a --project=my-project "
-        "'--format=value(state)'",
+        describe,
         "gcloud compute tpus tpu-vm create mtop --zone=us-west4-a --project=my-project "
         "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot",
         SETUP.format(zone=zone).replace("--worker", "--project=my-project --worker"),
+        describe,
         # 4 hosts: every worker joins jax.distributed
         RUN.format(zone=zone, env="MTOP_JAX_DISTRIBUTED=1 ").replace(
             "--worker", "--project=my-project --worker"),
@@ -75,7 +81,7 @@ def test_the_shell_wrapper_and_the_other_commands():
                              check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHON": sys.executable})
     assert wrapper.stdout.splitlines() == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=europe-west4-a '--format=value(state)'",
+        "gcloud compute tpus tpu-vm describe mtop --zone=europe-west4-a --format=json",
         "gcloud compute tpus tpu-vm delete mtop --zone=europe-west4-a --quiet",
     ]
     common = ["--dry-run", "--name", "mtop", "--zone", "z"]
@@ -119,7 +125,8 @@ def test_multi_host_needs_a_shared_workdir():
     out = subprocess.run([sys.executable, str(LAUNCH / "tpu_vm.py"), "run", "--dry-run",
                           "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "runs/x"],
                          capture_output=True, text=True)
-    assert out.returncode != 0 and "gs://" in out.stderr and not out.stdout
+    assert out.returncode != 0 and "gs://" in out.stderr
+    assert out.stdout == "gcloud compute tpus tpu-vm describe mtop-jax --zone=z --format=json\n"
     with pytest.raises(SystemExit):
         tpu_vm.main(["create", "--zone", "z", "--accelerator-type", "v3-8", "--dry-run"])
 
@@ -139,6 +146,130 @@ def test_accelerator_types(name, gcloud_type, chips, hosts, version):
     acc = tpu_vm.parse_accelerator(name)
     assert (acc.type, acc.chips, acc.hosts, acc.runtime_version) == (
         gcloud_type, chips, hosts, version)
+
+
+# ---------------------------------------------------------------------------- fake gcloud
+# tpu_vm.py run for real against tests/fake_gcloud.py on PATH: it records every call and
+# answers describe (node and queued resource) the way the Cloud TPU docs document, and
+# rejects flags those commands do not take.
+
+WORKERS = {"v4-8": 1, "v4-32": 4, "v5litepod-16": 4}
+
+
+class FakeGcloud:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def set(self, **state) -> None:
+        (self.root / "state.json").write_text(json.dumps({"workers": WORKERS, **state}))
+
+    def state(self) -> dict:
+        return json.loads((self.root / "state.json").read_text())
+
+    def calls(self) -> list[str]:
+        """Every call so far, as ``VERB NAME FLAGS...`` (without ``gcloud compute tpus``),
+        and forgets them."""
+        path = self.root / "calls.jsonl"
+        if not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.unlink()
+        return [" ".join(a for a in argv if a not in ("compute", "tpus", "--zone=z"))
+                for argv in lines]
+
+
+@pytest.fixture
+def gcloud(tmp_path, monkeypatch) -> FakeGcloud:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} '
+                      f'{shlex.quote(str(ROOT / "tests" / "fake_gcloud.py"))} "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_DIR", str(tmp_path))
+    fake = FakeGcloud(tmp_path)
+    fake.set()
+    return fake
+
+
+def node(acc: str, state: str = "READY") -> dict:
+    return {"state": state, "acceleratorType": acc,
+            "networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(WORKERS[acc])]}
+
+
+def tpu(*argv: str) -> None:
+    tpu_vm.main([*argv[:1], "--name", "mtop", "--zone", "z", *argv[1:]])
+
+
+def train_call(calls: list[str]) -> str:
+    [train] = [c for c in calls if "mtop-jax train" in c]
+    return train
+
+
+def test_create_passes_the_creation_flags(gcloud):
+    tpu("create", "--accelerator-type", "v4-8", "--spot", "--service-account",
+        "sa@p.iam.gserviceaccount.com", "--internal-ips", "--labels", "team=nlp,run=demo")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "tpu-vm create mtop --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot "
+        "--service-account=sa@p.iam.gserviceaccount.com --internal-ips "
+        "--labels=team=nlp,run=demo"]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+    tpu("create", "--accelerator-type", "v4-8")  # exists and READY: left alone
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    with pytest.raises(SystemExit, match="exists as v4-8, not v4-32"):
+        tpu("create", "--accelerator-type", "v4-32")
+    # --autocheckpoint-enabled exists on the alpha track only (the fake rejects it on GA).
+    tpu("delete")
+    gcloud.calls()
+    tpu("create", "--accelerator-type", "v4-8", "--autocheckpoint")
+    assert gcloud.calls()[-1] == ("alpha tpu-vm create mtop --accelerator-type=v4-8 "
+                                  "--version=tpu-ubuntu2204-base --autocheckpoint-enabled")
+
+
+@pytest.mark.parametrize("dead", ["PREEMPTED", "TERMINATED"])
+def test_a_preempted_vm_is_deleted_and_created_again(gcloud, dead):
+    gcloud.set(nodes={"mtop": node("v4-8", dead)})
+    with pytest.raises(SystemExit, match=f"mtop is {dead}, not READY"):
+        tpu("run", "--workdir", "runs/a")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]  # no ssh
+    tpu("create", "--accelerator-type", "v4-8", "--spot")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "tpu-vm delete mtop --quiet",
+        "tpu-vm create mtop --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot"]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+
+
+def test_run_takes_the_workers_from_describe(gcloud):
+    gcloud.set(nodes={"mtop": node("v4-8")})
+    tpu("run", "--workdir", "runs/a")  # one worker: a local workdir, no jax.distributed
+    train = train_call(gcloud.calls())
+    assert "--worker=all" in train and "MTOP_JAX_DISTRIBUTED" not in train
+
+    gcloud.set(nodes={"mtop": node("v4-32")})  # no --accelerator-type: describe says v4-32
+    with pytest.raises(SystemExit, match="v4-32 has 4 hosts.*gs://"):
+        tpu("run", "--workdir", "runs/a")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    tpu("run", "--workdir", WORKDIR)
+    train = train_call(gcloud.calls())
+    assert f"MTOP_JAX_DISTRIBUTED=1 nohup .venv/bin/mtop-jax train --config " \
+           f"configs/debian_packages.py --workdir {WORKDIR} >>" in train
+
+    with pytest.raises(SystemExit, match="--accelerator-type v4-8 but mtop is v4-32 "
+                                         r"\(4 workers\)"):
+        tpu("run", "--accelerator-type", "v4-8", "--workdir", WORKDIR)
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    tpu("run", "--accelerator-type", "v4-32", "--workdir", WORKDIR)  # agrees: runs
+    assert len(gcloud.calls()) == 2
+
+
+def test_describe_errors_other_than_not_found_stop(gcloud):
+    (gcloud.root / "state.json").write_text("not json")  # the fake itself crashes
+    with pytest.raises(SystemExit, match="describe mtop --zone=z --format=json failed"):
+        tpu("create", "--accelerator-type", "v4-8")
+    assert [c for c in gcloud.calls() if "create" in c] == []
 
 
 # ---------------------------------------------------------------------------- gpu.sh
@@ -220,7 +351,6 @@ def alive(pid: int) -> bool:
 def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     """The remote side of ``run`` and ``stop``, executed here against a fake trainer:
     started once (a second ``run`` leaves it alone), logs appended, SIGTERM stops it."""
-    import shlex
     import time
 
     fake = tmp_path / "mtop-jax" / ".venv" / "bin" / "mtop-jax"
@@ -230,7 +360,7 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     fake.chmod(0o755)
     common = ["--dry-run", "--name", "mtop", "--zone", "z"]
     run = shlex.split(launcher("run", *common, "--accelerator-type", "v4-32", "--workdir",
-                               WORKDIR, "--", "--config.data.buckets=(64, 128)")[0])[-1]
+                               WORKDIR, "--", "--config.data.buckets=(64, 128)")[-1])[-1]
     stop = shlex.split(launcher("stop", *common)[0])[-1]
     env = {**os.environ, "HOME": str(tmp_path)}
 
