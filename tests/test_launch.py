@@ -272,6 +272,95 @@ def test_describe_errors_other_than_not_found_stop(gcloud):
     assert [c for c in gcloud.calls() if "create" in c] == []
 
 
+def verbs(calls: list[str]) -> list[str]:
+    """``GROUP VERB`` of each call, ``ssh:train``/``ssh:setup``/``ssh:status`` for ssh."""
+    out = []
+    for call in calls:
+        group, verb = call.split()[:2]
+        if verb == "ssh":
+            verb = ("ssh:train" if "mtop-jax train" in call else
+                    "ssh:status" if "echo RUNNING" in call else "ssh:setup")
+        out.append(f"{group} {verb}")
+    return out
+
+
+QUEUED_CREATE = ("queued-resources create mtop-qr --node-id=mtop --accelerator-type=v4-32 "
+                 "--runtime-version=tpu-ubuntu2204-base --spot")
+
+
+def test_queued_create_waits_until_active_and_delete_removes_it(gcloud):
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+    tpu("create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32", "--spot")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "queued-resources describe mtop-qr --format=json",
+        QUEUED_CREATE,
+        *["queued-resources describe mtop-qr --format=json"] * 3]
+    assert gcloud.state()["nodes"]["mtop"]["acceleratorType"] == "v4-32"
+    tpu("run", "--workdir", WORKDIR)  # the queued resource's VM, 4 workers
+    assert "MTOP_JAX_DISTRIBUTED=1" in train_call(gcloud.calls())
+    tpu("delete", "--queued")
+    assert gcloud.calls() == ["queued-resources describe mtop-qr --format=json",
+                              "queued-resources delete mtop-qr --force --quiet"]
+    assert gcloud.state()["nodes"] == {} and gcloud.state()["queued"] == {}
+    tpu("delete", "--queued")  # gone: nothing to do
+    assert gcloud.calls() == ["queued-resources describe mtop-qr --format=json"]
+
+
+def test_queued_failures_are_clear(gcloud):
+    create = ["create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32",
+              "--spot"]
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES", "FAILED"])
+    with pytest.raises(SystemExit, match="queued resource mtop-qr is FAILED"):
+        tpu(*create)
+    # Again: the FAILED request is deleted and a new one queued.
+    gcloud.set(queued=gcloud.state()["queued"], queued_states=["ACTIVE"])
+    gcloud.calls()
+    tpu(*create)
+    assert verbs(gcloud.calls()) == [
+        "tpu-vm describe", "queued-resources describe", "queued-resources delete",
+        "queued-resources create", "queued-resources describe"]
+
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES"])
+    with pytest.raises(SystemExit, match="still WAITING_FOR_RESOURCES after 0 s"):
+        tpu(*create, "--queued-timeout", "0")
+    gcloud.calls()
+    gcloud.set(queued=gcloud.state()["queued"], queued_states=["PROVISIONING", "ACTIVE"])
+    tpu(*create)  # still queued: waits for it, does not queue a second request
+    assert verbs(gcloud.calls()) == ["tpu-vm describe", *["queued-resources describe"] * 2]
+
+    # A Spot VM of a queued resource reclaimed: PREEMPTED, its request SUSPENDED.
+    gcloud.set(nodes={"mtop": node("v4-32", "PREEMPTED")},
+               queued={"mtop-qr": {"state": {"state": "SUSPENDED"}, "nodeId": "mtop",
+                                   "acceleratorType": "v4-32"}},
+               queued_states=["ACCEPTED", "ACTIVE"])
+    tpu(*create)
+    assert gcloud.calls()[2:4] == ["queued-resources delete mtop-qr --force --quiet",
+                                   QUEUED_CREATE]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+
+
+def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
+    gcloud.set(preempt_runs=1)  # the first training start ends with the VM PREEMPTED
+    watch = ["watch", "--accelerator-type", "v4-32", "--spot", "--poll-seconds", "0",
+             "--repo", REPO, "--workdir", WORKDIR]
+    tpu(*watch)
+    all_ = ["tpu-vm describe", "tpu-vm create", "tpu-vm ssh:setup", "tpu-vm describe",
+            "tpu-vm ssh:train"]
+    calls = gcloud.calls()
+    assert verbs(calls) == [*all_,
+                            "tpu-vm describe", "tpu-vm delete",  # PREEMPTED
+                            *all_,
+                            "tpu-vm describe", "tpu-vm ssh:status"]  # READY, EXITED
+    trains = [c for c in calls if "mtop-jax train" in c]
+    assert trains[0] == trains[1] and "MTOP_JAX_DISTRIBUTED=1" in trains[0]
+    assert "mtop is PREEMPTED: restart 1" in capsys.readouterr().out
+
+    gcloud.set(preempt_runs=10**6)  # reclaimed every time: the deadline ends it
+    with pytest.raises(SystemExit, match=r"still not finished after .* h \(\d+ restart"):
+        tpu(*watch, "--watch-hours", "0.0002")
+
+
 # ---------------------------------------------------------------------------- gpu.sh
 
 
