@@ -161,7 +161,8 @@ def is_git_url(repo: str) -> bool:
 
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     """Code onto every worker (clone or pull; or a tarball of a local checkout), then
-    ``launch/remote_setup.sh`` there: a Python >= 3.11 venv with the TPU jax wheel."""
+    ``launch/remote_setup.sh`` there: a Python 3.12 venv (uv) with the TPU jax wheel,
+    installed under ``launch/constraints.txt``."""
     install = f"bash {REMOTE_DIR}/launch/remote_setup.sh"
     if args.python:
         install += f" --python {shlex.quote(args.python)}"
@@ -437,9 +438,12 @@ def do_watch(args, run: Runner) -> None:
         if state in (*DEAD_STATES, *QUEUED_FAILED, "ABSENT"):
             restarts += 1
             print(f"# {args.name} is {state}: restart {restarts}", flush=True)
-            if state != "ABSENT":
-                delete_vm(args, run)
-            do_all(args, run)
+            try:
+                if state != "ABSENT":
+                    delete_vm(args, run)
+                do_all(args, run)
+            except SystemExit as e:  # no Spot capacity now, ssh not up yet: try again
+                print(f"# restart {restarts} failed ({e}); trying again", flush=True)
             continue
         if state != "READY":
             continue  # CREATING, REPAIRING, ...: look again later
@@ -500,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: this one)")
     setup.add_argument("--branch", default=None, help="with a git URL: the branch to clone")
     setup.add_argument("--python", default=None,
-                       help="the Python (>= 3.11) for the workers' venv; default: the newest "
-                            "python3.1x there, else python3.11 from apt")
+                       help="the Python (>= 3.11) for the workers' venv, as `uv venv "
+                            "--python` takes it (default 3.12; uv downloads it if absent)")
 
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--config", default="configs/debian_packages.py")

@@ -361,6 +361,59 @@ def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
         tpu(*watch, "--watch-hours", "0.0002")
 
 
+# ---------------------------------------------------------------------------- worker Python
+
+
+sys.path.insert(0, str(LAUNCH))
+import check_constraints  # noqa: E402
+
+
+def test_workers_get_python_3_12_and_the_constraints():
+    setup = (LAUNCH / "remote_setup.sh").read_text()
+    assert "PY=3.12" in setup and 'uv venv --python "$PY" .venv' in setup
+    assert "apt-get" not in setup and "python3.11" not in setup
+    installs = [line for line in setup.splitlines() if line.startswith("uv pip install")]
+    assert len(installs) == 2 and all('-c "$CONSTRAINTS"' in line for line in installs)
+    assert ".venv/bin/python launch/check_constraints.py" in setup
+
+
+def test_constraints_pin_this_venv_and_agree_with_pyproject():
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    pins = check_constraints.read_pins(LAUNCH / "constraints.txt")
+    assert "mtop-jax" not in pins and {"jax", "jaxlib", "flax"} <= set(pins)
+    assert pins["jax"] == metadata.version("jax")  # the jax the tests run on
+    jax_needs = SpecifierSet(metadata.metadata("jax")["Requires-Python"])
+    [line] = [ln for ln in (ROOT / "pyproject.toml").read_text().splitlines()
+              if ln.startswith("requires-python")]
+    ours = SpecifierSet(line.split("=", 1)[1].split("#")[0].strip().strip('"'))
+    # Every Python our metadata admits, jax admits too (3.10 would not install jax).
+    for minor in range(9, 16):
+        if f"3.{minor}.0" in ours:
+            assert f"3.{minor}.0" in jax_needs, f"requires-python admits 3.{minor}"
+    assert "3.12.0" in ours and "3.12.0" in jax_needs  # the workers' Python
+
+
+def test_check_constraints_finds_a_wrong_or_missing_package(tmp_path):
+    pins = {"jax": "0.10.2", "flax": "0.12.8", "gone": "1.0"}
+    have = {"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.7", "optax": "0.2.8"}
+    assert check_constraints.problems(pins, have) == [
+        "flax: 0.12.7 installed, constraints say 0.12.8",
+        "orbax-checkpoint: not installed"]
+    assert check_constraints.canonical("Orbax_Checkpoint") == "orbax-checkpoint"
+    # This venv satisfies the committed file; a changed pin makes the script fail.
+    script = [sys.executable, str(LAUNCH / "check_constraints.py")]
+    ok = subprocess.run(script, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "constraints.txt"
+    bad.write_text((LAUNCH / "constraints.txt").read_text().replace(
+        f"jax=={pins['jax']}\n", "jax==0.0.1\n"))
+    out = subprocess.run([*script, str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "jax: 0.10.2 installed, constraints say 0.0.1" in out.stderr
+
+
 # ---------------------------------------------------------------------------- gpu.sh
 
 
