@@ -10,12 +10,18 @@
     python launch/tpu_vm.py fetch  --name mtop --zone us-central2-b --workdir gs://BUCKET/runs/demo
     python launch/tpu_vm.py delete --name mtop --zone us-central2-b
 
-``all`` does create, setup and run in one go. ``--dry-run`` prints every
+``all`` does create, setup and run in one go; ``watch`` does ``all`` and then
+again after every preemption until the training exits. ``--queued`` goes
+through a queued resource; ``--spot``, ``--autocheckpoint`` and friends pass
+through to gcloud. ``run`` takes the accelerator and the worker count from
+``describe --format=json``, never from a default. ``--dry-run`` prints every
 command (one a line, shell-quoted) and runs none. Every subcommand is safe to
-re-run: ``create`` and ``delete`` look first (``describe``), ``setup`` pulls
-or re-copies and reinstalls into the existing venv, ``run`` does nothing on a
-worker whose training is still alive, and a restarted run resumes from the
-workdir's latest checkpoint. See launch/README.md.
+re-run: ``create`` and ``delete`` look first (``describe``; a PREEMPTED or
+TERMINATED VM is deleted and created again), ``setup`` pulls or re-copies and
+reinstalls into the existing venv, ``run`` does nothing on a worker whose
+training is still alive, and a restarted run resumes from the workdir's latest
+checkpoint. See launch/README.md (none of this has run on real TPUs; the tests
+use a fake gcloud).
 """
 
 from __future__ import annotations
