@@ -53,6 +53,12 @@ LIBTPU_INDEX = "https://storage.googleapis.com/jax-releases/libtpu_releases.html
 REMOTE_DIR = "mtop-jax"  # in the home directory of every worker
 LOG = "~/mtop-jax-train.log"
 PIDFILE = "~/mtop-jax-train.pid"
+EXITFILE = "~/mtop-jax-train.exit"
+#: Runs the trainer ("$@") in the background of a nohup'd bash that records its pid (for
+#: ``stop`` and the liveness check) and, once it ends, its exit status (for ``watch``:
+#: finished, failed, or gone with its VM's reboot).
+WRAPPER = ('"$@" & echo $! > "$HOME/mtop-jax-train.pid"; wait $!; '
+           'echo $? > "$HOME/mtop-jax-train.exit"')
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,9 @@ def train_command(args: argparse.Namespace, hosts: int) -> str:
     env = "MTOP_JAX_DISTRIBUTED=1 " if hosts > 1 else ""
     return (f"cd {REMOTE_DIR} && if [ -f {PIDFILE} ] && kill -0 $(cat {PIDFILE}) 2>/dev/null; "
             f"then echo \"$(hostname): already training (pid $(cat {PIDFILE}))\"; "
-            f"else {env}nohup {train} >> {LOG} 2>&1 < /dev/null & echo $! > {PIDFILE}; "
+            f"else rm -f {PIDFILE} {EXITFILE}; {env}nohup bash -c {shlex.quote(WRAPPER)} "
+            f"mtop-jax-train {train} >> {LOG} 2>&1 < /dev/null & "
+            f"for _ in $(seq 100); do [ -s {PIDFILE} ] && break; sleep 0.1; done; "
             f"echo \"$(hostname): started\"; fi")
 
 
@@ -209,9 +217,11 @@ def run_commands(args: argparse.Namespace, acc: Accelerator, hosts: int) -> list
     return [ssh(args, "all", train_command(args, hosts))]
 
 
-#: What worker 0 prints for ``watch``: whether the training process is still alive.
+#: What worker 0 prints for ``watch``: RUNNING, ``EXITED <status>``, or GONE (no live
+#: process and no status: killed with the VM, or never started).
 STATUS_COMMAND = (f"if [ -f {PIDFILE} ] && kill -0 $(cat {PIDFILE}) 2>/dev/null; "
-                  "then echo RUNNING; else echo EXITED; fi")
+                  f"then echo RUNNING; elif [ -f {EXITFILE} ]; "
+                  f"then echo \"EXITED $(cat {EXITFILE})\"; else echo GONE; fi")
 
 
 def logs_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -435,7 +445,7 @@ def do_watch(args, run: Runner) -> None:
         raise SystemExit("tpu_vm.py watch: loops on live state; use `all --dry-run`")
     deadline = time.monotonic() + args.watch_hours * 3600
     do_all(args, run)
-    restarts = 0
+    restarts = gone = 0
     while time.monotonic() < deadline:
         time.sleep(args.poll_seconds)
         state = node_state(run.query(describe(args)))
@@ -453,11 +463,24 @@ def do_watch(args, run: Runner) -> None:
             continue
         if state != "READY":
             continue  # CREATING, REPAIRING, ...: look again later
-        status = run.output(ssh(args, "0", STATUS_COMMAND))
-        if status is not None and status.strip() == "EXITED":
-            print(f"# training on {args.name} has exited ({restarts} restart(s)); "
+        status = (run.output(ssh(args, "0", STATUS_COMMAND)) or "").strip()
+        gone = gone + 1 if status == "GONE" else 0
+        if status == "EXITED 0":
+            print(f"# training on {args.name} has finished ({restarts} restart(s)); "
                   "see `logs`, then `fetch` and `delete`", flush=True)
             return
+        if status.startswith("EXITED"):
+            raise SystemExit(f"tpu_vm.py watch: training on {args.name} exited with status "
+                             f"{status.split()[-1]}: see `logs`; not restarting a failure")
+        if gone >= 2:  # twice: not the moment between the trainer's end and its status
+            restarts += 1
+            print(f"# training on {args.name} is gone (VM restarted?): run {restarts}",
+                  flush=True)
+            try:
+                do_run(args, run)
+            except SystemExit as e:
+                print(f"# run failed ({e}); trying again", flush=True)
+            gone = 0
     raise SystemExit(f"tpu_vm.py watch: still not finished after {args.watch_hours} h "
                      f"({restarts} restart(s)); the VM is left as it is")
 

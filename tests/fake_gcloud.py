@@ -10,7 +10,8 @@ its world in ``$FAKE_GCLOUD_DIR/state.json``:
 - ``workers``: accelerator type -> workers a created node gets;
 - ``queued_states``: the states successive ``queued-resources describe`` calls move
   through (ACTIVE creates the node; the last one stays);
-- ``preempt_runs``: how many training starts end with the node PREEMPTED.
+- ``preempt_runs``: how many training starts end with the node PREEMPTED;
+- ``statuses``: what worker 0's status check prints, call by call (then ``EXITED 0``).
 
 A flag the docs do not list for a command, or a missing required one, exits 2 like
 gcloud's argument errors, so a wrongly built command fails the test.
@@ -116,7 +117,8 @@ def main() -> None:
             fail(f"ssh: {name} is not reachable", 255)
         command = flags["--command"]
         if "echo RUNNING" in command:  # tpu_vm.STATUS_COMMAND
-            print("EXITED")
+            script = state.get("statuses", [])
+            print(script.pop(0) if script else "EXITED 0")
         elif "mtop-jax train" in command:
             print("t1v-n-0-w-0: started")
             state["runs"] = state.get("runs", 0) + 1

@@ -24,13 +24,19 @@ WORKDIR = "gs://my-bucket/runs/demo"
 SETUP = ("gcloud compute tpus tpu-vm ssh mtop --zone={zone} --worker=all --command "
          "'set -e; if [ -d mtop-jax/.git ]; then git -C mtop-jax pull --ff-only; "
          f"else git clone {REPO} mtop-jax; fi; bash mtop-jax/launch/remote_setup.sh'")
+# What every worker runs: the trainer under a bash that records its pid and exit status.
+TRAIN_ON_WORKER = (
+    "cd mtop-jax && if [ -f ~/mtop-jax-train.pid ] && kill -0 $(cat ~/mtop-jax-train.pid) "
+    "2>/dev/null; then echo \"$(hostname): already training (pid $(cat "
+    "~/mtop-jax-train.pid))\"; else rm -f ~/mtop-jax-train.pid ~/mtop-jax-train.exit; "
+    "{env}nohup bash -c '\"$@\" & echo $! > \"$HOME/mtop-jax-train.pid\"; wait $!; "
+    "echo $? > \"$HOME/mtop-jax-train.exit\"' mtop-jax-train .venv/bin/mtop-jax train "
+    f"--config configs/debian_packages.py --workdir {WORKDIR} --config.train.steps=2000 "
+    "'--config.data.buckets=(64, 128)' >> ~/mtop-jax-train.log 2>&1 < /dev/null & "
+    "for _ in $(seq 100); do [ -s ~/mtop-jax-train.pid ] && break; sleep 0.1; done; "
+    "echo \"$(hostname): started\"; fi")
 RUN = ("gcloud compute tpus tpu-vm ssh mtop --zone={zone} --worker=all --command "
-       "'cd mtop-jax && if [ -f ~/mtop-jax-train.pid ] && kill -0 $(cat ~/mtop-jax-train.pid) "
-       "2>/dev/null; then echo \"$(hostname): already training (pid $(cat "
-       "~/mtop-jax-train.pid))\"; else {env}nohup .venv/bin/mtop-jax train --config "
-       f"configs/debian_packages.py --workdir {WORKDIR} --config.train.steps=2000 "
-       "'\"'\"'--config.data.buckets=(64, 128)'\"'\"' >> ~/mtop-jax-train.log 2>&1 "
-       "< /dev/null & echo $! > ~/mtop-jax-train.pid; echo \"$(hostname): started\"; fi'")
+       + shlex.quote(TRAIN_ON_WORKER))
 
 
 def launcher(*args: str) -> list[str]:
@@ -254,8 +260,9 @@ def test_run_takes_the_workers_from_describe(gcloud):
     assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
     tpu("run", "--workdir", WORKDIR)
     train = train_call(gcloud.calls())
-    assert f"MTOP_JAX_DISTRIBUTED=1 nohup .venv/bin/mtop-jax train --config " \
-           f"configs/debian_packages.py --workdir {WORKDIR} >>" in train
+    assert "MTOP_JAX_DISTRIBUTED=1 nohup bash -c" in train
+    assert f"mtop-jax-train .venv/bin/mtop-jax train --config configs/debian_packages.py " \
+           f"--workdir {WORKDIR} >>" in train
 
     with pytest.raises(SystemExit, match="--accelerator-type v4-8 but mtop is v4-32 "
                                          r"\(4 workers\)"):
@@ -355,6 +362,14 @@ def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
     trains = [c for c in calls if "mtop-jax train" in c]
     assert trains[0] == trains[1] and "MTOP_JAX_DISTRIBUTED=1" in trains[0]
     assert "mtop is PREEMPTED: restart 1" in capsys.readouterr().out
+
+    # The trainer gone on a READY VM (rebooted) twice in a row: run again; a failure ends.
+    gcloud.set(statuses=["RUNNING", "GONE", "GONE", "RUNNING", "EXITED 1"])
+    with pytest.raises(SystemExit, match="exited with status 1: see `logs`"):
+        tpu(*watch)
+    status = ["tpu-vm describe", "tpu-vm ssh:status"]
+    assert verbs(gcloud.calls()) == [*all_, *status * 3, "tpu-vm describe",
+                                     "tpu-vm ssh:train", *status * 2]
 
     gcloud.set(preempt_runs=10**6)  # reclaimed every time: the deadline ends it
     with pytest.raises(SystemExit, match=r"still not finished after .* h \(\d+ restart"):
@@ -514,6 +529,7 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     pid = int((tmp_path / "mtop-jax-train.pid").read_text())
     try:
         assert f"already training (pid {pid})" in remote(run)
+        assert remote(tpu_vm.STATUS_COMMAND) == "RUNNING\n"
         log = tmp_path / "mtop-jax-train.log"
         for _ in range(100):
             if log.exists() and log.read_text():
@@ -529,5 +545,12 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
             time.sleep(0.05)
         else:
             pytest.fail("stop did not end the training process")
+        for _ in range(100):
+            if (tmp_path / "mtop-jax-train.exit").exists():
+                break
+            time.sleep(0.05)
+        assert remote(tpu_vm.STATUS_COMMAND) == "EXITED 143\n"  # sleep killed by SIGTERM
+        (tmp_path / "mtop-jax-train.exit").unlink()
+        assert remote(tpu_vm.STATUS_COMMAND) == "GONE\n"
     finally:
         subprocess.run(["kill", "-9", str(pid)], capture_output=True)
