@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +272,8 @@ QUEUED_FAILED = ("FAILED", "SUSPENDED", "SUSPENDING")
 
 
 class Runner:
+    """Runs (or with ``dry_run`` prints) the gcloud commands; every call goes through it."""
+
     def __init__(self, dry_run: bool):
         self.dry_run = dry_run
 
@@ -350,16 +353,16 @@ def wait_queued(args: argparse.Namespace, run: Runner) -> None:
         time.sleep(args.poll_seconds)
 
 
-def delete_vm(args: argparse.Namespace, run: Runner) -> None:
-    """Delete the VM, or with ``--queued`` the queued resource and (``--force``) its VM."""
-    if getattr(args, "queued", False):
+def delete_vm(args: argparse.Namespace, run: Runner, queued: bool) -> None:
+    """Delete the VM, or the queued resource and (``--force``) its VM."""
+    if queued:
         run(gcloud_tpu("delete", args, queued_id(args), "--force", "--quiet",
                        group="queued-resources"))
     else:
         run(gcloud_tpu("delete", args, args.name, "--quiet"))
 
 
-def do_create(args, run: Runner) -> None:
+def do_create(args: argparse.Namespace, run: Runner) -> None:
     node = run.query(describe(args))
     state = node_state(node)
     request = queued_state(run.query(describe_queued(args))) if args.queued else "ABSENT"
@@ -369,7 +372,7 @@ def do_create(args, run: Runner) -> None:
         wait_queued(args, run)
         return
     if state == "ABSENT" and request != "ABSENT":
-        delete_vm(args, run)  # FAILED, SUSPENDED, or ACTIVE without its VM: start over
+        delete_vm(args, run, queued=True)  # FAILED, SUSPENDED, or ACTIVE without its VM
     if node is not None:
         acc, _ = node_shape(node)
         if args.accelerator_type is not None and acc != args.accelerator_type:
@@ -380,14 +383,14 @@ def do_create(args, run: Runner) -> None:
             return
         print(f"# {args.name} is {state}: it never runs again; deleting and recreating it",
               flush=True)
-        delete_vm(args, run)
+        delete_vm(args, run, queued=request != "ABSENT")  # the request takes its VM along
     for cmd in create_commands(args):
         run(cmd)
     if args.queued:
         wait_queued(args, run)
 
 
-def do_delete(args, run: Runner) -> None:
+def do_delete(args: argparse.Namespace, run: Runner) -> None:
     if args.queued:
         if queued_state(run.query(describe_queued(args))) == "ABSENT":
             print(f"# {queued_id(args)} does not exist: nothing to delete", flush=True)
@@ -395,17 +398,19 @@ def do_delete(args, run: Runner) -> None:
     elif run.query(describe(args)) is None and not run.dry_run:
         print(f"# {args.name} does not exist: nothing to delete", flush=True)
         return
-    delete_vm(args, run)
+    delete_vm(args, run, queued=args.queued)
 
 
-def simple(build):
-    def do(args, run: Runner) -> None:
+def simple(build: Callable[[argparse.Namespace], list[list[str]]]
+           ) -> Callable[[argparse.Namespace, Runner], None]:
+    """A subcommand that runs the commands ``build`` makes, one after the other."""
+    def do(args: argparse.Namespace, run: Runner) -> None:
         for cmd in build(args):
             run(cmd)
     return do
 
 
-def do_run(args, run: Runner) -> None:
+def do_run(args: argparse.Namespace, run: Runner) -> None:
     """Train on the VM as ``describe`` reports it: its accelerator and worker count decide
     MTOP_JAX_DISTRIBUTED and the gs:// check, never a default. ``--accelerator-type``
     is a check: a mismatch stops. A dry run cannot describe, so there it is needed."""
@@ -431,13 +436,15 @@ def do_run(args, run: Runner) -> None:
         run(cmd)
 
 
-def do_all(args, run: Runner) -> None:
+def do_all(args: argparse.Namespace, run: Runner) -> None:
+    if run.dry_run and args.accelerator_type is None:
+        args.accelerator_type = DEFAULT_ACCELERATOR  # what create would make
     do_create(args, run)
     simple(setup_commands)(args, run)
     do_run(args, run)
 
 
-def do_watch(args, run: Runner) -> None:
+def do_watch(args: argparse.Namespace, run: Runner) -> None:
     """``all``, then until the training exits or ``--watch-hours`` pass: a VM found
     PREEMPTED/TERMINATED (or gone) is deleted, created, set up and the run started again;
     the trainer resumes from the workdir's latest checkpoint."""
@@ -449,14 +456,10 @@ def do_watch(args, run: Runner) -> None:
     while time.monotonic() < deadline:
         time.sleep(args.poll_seconds)
         state = node_state(run.query(describe(args)))
-        if args.queued and state == "ABSENT":
-            state = queued_state(run.query(describe_queued(args)))
-        if state in (*DEAD_STATES, *QUEUED_FAILED, "ABSENT"):
+        if state in (*DEAD_STATES, "ABSENT"):
             restarts += 1
             print(f"# {args.name} is {state}: restart {restarts}", flush=True)
-            try:
-                if state != "ABSENT":
-                    delete_vm(args, run)
+            try:  # create deletes the dead VM (and its request), waits on a queued one
                 do_all(args, run)
             except SystemExit as e:  # no Spot capacity now, ssh not up yet: try again
                 print(f"# restart {restarts} failed ({e}); trying again", flush=True)

@@ -347,6 +347,15 @@ def test_queued_failures_are_clear(gcloud):
     assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
 
 
+def test_a_dead_vm_made_without_a_queue_is_deleted_directly(gcloud):
+    gcloud.set(nodes={"mtop": node("v4-32", "PREEMPTED")}, queued_states=["ACTIVE"])
+    tpu("create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32", "--spot")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json",
+                              "queued-resources describe mtop-qr --format=json",
+                              "tpu-vm delete mtop --quiet", QUEUED_CREATE,
+                              "queued-resources describe mtop-qr --format=json"]
+
+
 def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
     gcloud.set(preempt_runs=1)  # the first training start ends with the VM PREEMPTED
     watch = ["watch", "--accelerator-type", "v4-32", "--spot", "--poll-seconds", "0",
@@ -356,9 +365,9 @@ def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
             "tpu-vm ssh:train"]
     calls = gcloud.calls()
     assert verbs(calls) == [*all_,
-                            "tpu-vm describe", "tpu-vm delete",  # PREEMPTED
-                            *all_,
-                            "tpu-vm describe", "tpu-vm ssh:status"]  # READY, EXITED
+                            "tpu-vm describe",  # PREEMPTED: all again, create deletes it
+                            "tpu-vm describe", "tpu-vm delete", *all_[1:],
+                            "tpu-vm describe", "tpu-vm ssh:status"]  # READY, EXITED 0
     trains = [c for c in calls if "mtop-jax train" in c]
     assert trains[0] == trains[1] and "MTOP_JAX_DISTRIBUTED=1" in trains[0]
     assert "mtop is PREEMPTED: restart 1" in capsys.readouterr().out
