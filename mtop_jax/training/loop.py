@@ -201,6 +201,7 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
                     checkpoints.save(step, state, train_iter.state_dict(),
                                      metrics={f"eval/{k}": v for k, v in eval_metrics.items()}
                                      if eval_metrics else None, force=True)
+                    writer.flush()  # gs:// metrics up to this checkpoint, uploaded
                     save_due = False
             if preempted:
                 checkpoints.wait()

@@ -1,12 +1,16 @@
 """Metrics to ``metrics.jsonl`` (one JSON object a line) and TensorBoard event
-files, from process 0 only. On gs:// the JSONL object is rewritten whole at
-every write (object stores cannot append), and TensorBoard files are written
-only where tensorboardX can reach the bucket (google-cloud-storage installed)."""
+files, from process 0 only. On gs:// the JSONL object is rewritten whole (object
+stores cannot append), so lines are buffered and written at most every
+``flush_seconds``, at every checkpoint (``flush``) and at ``close``: one upload
+a log line made a long run's metrics cost quadratic time and a request a step.
+TensorBoard files are written only where tensorboardX can reach the bucket
+(google-cloud-storage installed)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, flush_seconds: float = 30.0):
         self.active = jax.process_index() == 0
+        self.flush_seconds = float(flush_seconds)
+        self._flushed_at = time.monotonic()
+        self._dirty = False  # remote lines not yet uploaded
         self.workdir = as_path(workdir)
         self.remote = is_remote(workdir)
         self._tb = None
@@ -64,11 +71,27 @@ class MetricWriter:
         try:
             if self.remote:
                 self._lines.append(line)
-                path.write_text("".join(self._lines))
+                self._dirty = True
+                if time.monotonic() - self._flushed_at >= self.flush_seconds:
+                    self.flush()
             else:
                 self._jsonl.write(line)
         except OSError as e:  # a full disk: name the file, no traceback
             raise MtopError(f"{path}: cannot write metrics ({e.strerror or e})") from e
+
+    def flush(self) -> None:
+        """Upload the buffered lines (remote workdirs; a local file is line-buffered).
+        The loop calls it after each checkpoint, so a preemption loses no metrics
+        from before the step it resumes at."""
+        if not (self.active and self.remote and self._dirty):
+            return
+        path = self.workdir / "metrics.jsonl"
+        try:
+            path.write_text("".join(self._lines))
+        except OSError as e:
+            raise MtopError(f"{path}: cannot write metrics ({e.strerror or e})") from e
+        self._dirty = False
+        self._flushed_at = time.monotonic()
 
     def _drop_tensorboard(self, error: Exception) -> None:
         """TensorBoard is a convenience: on a write error (a full disk) stop writing it,
@@ -89,6 +112,7 @@ class MetricWriter:
     def close(self) -> None:
         if not self.active:
             return
+        self.flush()
         if self._jsonl is not None and not self._jsonl.closed:
             try:
                 self._jsonl.close()
