@@ -293,7 +293,7 @@ SHORT = ["--config.train.steps=6", "--config.train.checkpoint_every=100",
 
 @pytest.mark.parametrize("method", [
     "dbmtl",  # gradient buffers, one per shared parameter
-    "stch",  # the nadir's running loss sums and counts
+    pytest.param("stch", marks=pytest.mark.slow),  # the nadir's running loss sums and counts
     pytest.param("gradvac", marks=pytest.mark.slow),  # the EMA of the cosines
     pytest.param("gradnorm", marks=pytest.mark.slow)])  # learned scales and their Adam
 def test_resume_keeps_the_weighting_state(method, tmp_path, devices):
