@@ -204,7 +204,7 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     tx, schedules = optim.make_optimizer(config.optim, tcfg.steps, params, tcfg.stage)
     weighting_tx = weighting_optimizer(config.weighting.learning_rate)
     wparams = weighting.init_params() if weighting.kind == "loss" else {}
-    if getattr(weighting, "needs_grad_buffer", False):  # dbmtl: a buffer of shared gradients
+    if weighting.kind == "grad" and weighting.needs_grad_buffer:  # dbmtl's gradient buffers
         wstate = weighting.init(grads_like=select_shared(params, shared_mask(params)))
     else:
         wstate = weighting.init()

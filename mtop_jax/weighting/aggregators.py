@@ -81,15 +81,31 @@ def _check_pref(method: GradWeighting) -> None:
                        _check_vector(method.pref_vector, method.num_tasks, "pref_vector"))
 
 
-def _check_qp(method: UPGrad | DualProj) -> None:
-    _check_pref(method)
-    if method.norm_eps < 0 or method.reg_eps <= 0:
-        raise ConfigError("weighting.norm_eps/reg_eps: need norm_eps >= 0 and reg_eps > 0, "
-                          f"got {method.norm_eps}, {method.reg_eps}")
+@dataclasses.dataclass(frozen=True)
+class _DualConeMethod(GradWeighting):
+    """What UPGrad and DualProj share: a preference vector and torchjd's dual QP."""
+
+    pref_vector: tuple[float, ...] | None = None
+    norm_eps: float = NORM_EPS
+    reg_eps: float = REG_EPS
+    newton_iters: int = NEWTON_ITERS
+    cd_sweeps: int = CD_SWEEPS
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_pref(self)
+        if self.norm_eps < 0 or self.reg_eps <= 0:
+            raise ConfigError("weighting.norm_eps/reg_eps: need norm_eps >= 0 and reg_eps > 0, "
+                              f"got {self.norm_eps}, {self.reg_eps}")
+
+    def _project(self, gram: jax.Array, u: jax.Array, mask: jax.Array):
+        """Projection weights of ``u`` (``[K]`` or ``[K, K]``) and the solver's residual."""
+        return project_dual_cone(gram, u, mask, norm_eps=self.norm_eps, reg_eps=self.reg_eps,
+                                 newton_iters=self.newton_iters, cd_sweeps=self.cd_sweeps)
 
 
 @dataclasses.dataclass(frozen=True)
-class UPGrad(GradWeighting):
+class UPGrad(_DualConeMethod):
     """Unconflicting projection of gradients (Quinton and Rey 2024, "Jacobian Descent
     for Multi-Objective Optimization", arXiv:2406.16232); torchjd ``aggregation/_upgrad.py``.
 
@@ -104,26 +120,16 @@ class UPGrad(GradWeighting):
     ``cd_sweeps``). ``aux["qp_residual"]``: the solver's LCP residual.
     """
 
-    pref_vector: tuple[float, ...] | None = None
-    norm_eps: float = NORM_EPS
-    reg_eps: float = REG_EPS
-    newton_iters: int = NEWTON_ITERS
-    cd_sweeps: int = CD_SWEEPS
     name: ClassVar[str] = "upgrad"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_qp(self)
 
     def _weights(self, gram, losses, mask, state, key):
         u = jnp.diag(_pref(self.pref_vector, mask, "mean"))
-        v, res = project_dual_cone(gram, u, mask, norm_eps=self.norm_eps, reg_eps=self.reg_eps,
-                                   newton_iters=self.newton_iters, cd_sweeps=self.cd_sweeps)
+        v, res = self._project(gram, u, mask)
         return jnp.sum(v, axis=0), state, {"qp_residual": res}
 
 
 @dataclasses.dataclass(frozen=True)
-class DualProj(GradWeighting):
+class DualProj(_DualConeMethod):
     """Projection of the mean gradient onto the dual cone (GEM, Lopez-Paz and Ranzato,
     NeurIPS 2017, eq. 11; as generalised in Quinton and Rey 2024); torchjd
     ``aggregation/_dualproj.py``.
@@ -134,21 +140,11 @@ class DualProj(GradWeighting):
     ``aux["qp_residual"]``: the solver's LCP residual.
     """
 
-    pref_vector: tuple[float, ...] | None = None
-    norm_eps: float = NORM_EPS
-    reg_eps: float = REG_EPS
-    newton_iters: int = NEWTON_ITERS
-    cd_sweeps: int = CD_SWEEPS
     name: ClassVar[str] = "dualproj"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_qp(self)
 
     def _weights(self, gram, losses, mask, state, key):
         u = _pref(self.pref_vector, mask, "mean")
-        v, res = project_dual_cone(gram, u, mask, norm_eps=self.norm_eps, reg_eps=self.reg_eps,
-                                   newton_iters=self.newton_iters, cd_sweeps=self.cd_sweeps)
+        v, res = self._project(gram, u, mask)
         return v, state, {"qp_residual": res}
 
 

@@ -246,6 +246,20 @@ class GradWeighting(Weighting):
     kind: ClassVar[str] = "grad"
     #: whether ``key`` changes the result (PCGrad's random order)
     uses_key: ClassVar[bool] = False
+    #: whether :meth:`init` needs ``grads_like`` (DB-MTL's buffers of shared gradients)
+    needs_grad_buffer: ClassVar[bool] = False
+
+    def transform_grads(
+        self,
+        leaves: list[jax.Array],
+        flags: list[bool],
+        losses: jax.Array,
+        mask: jax.Array,
+        state: State,
+    ) -> tuple[list[jax.Array], State]:
+        """The gradients the method combines, from the per-task ones (``flags``: which
+        leaves are shared). Default: the gradients themselves; DB-MTL swaps in its buffers."""
+        return leaves, state
 
     def weights_from_gram(
         self,

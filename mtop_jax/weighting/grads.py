@@ -123,9 +123,7 @@ def combine_grad_tree(
     mask = as_mask(present, k)
     dtypes = [x.dtype for x in leaves]
     leaves = [_mask_rows(x, mask) for x in leaves]
-    transform = getattr(method, "transform_grads", None)
-    if transform is not None:  # DB-MTL: its gradient buffers stand for the gradients
-        leaves, state = transform(leaves, flags, jnp.asarray(losses), mask, state)
+    leaves, state = method.transform_grads(leaves, flags, jnp.asarray(losses), mask, state)
     shared_leaves = [x for x, f in zip(leaves, flags, strict=True) if f]
     if not shared_leaves:
         raise ConfigError("combine_grad_tree: no leaf is marked shared")
