@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Check a venv against launch/constraints.txt after ``remote_setup.sh`` installed into it.
+"""Check a venv against launch/constraints.txt (and constraints-gcs.txt, the worker-only
+pins) after ``remote_setup.sh`` installed into it.
 
 ``pip install -c`` only constrains what it resolves; a package already there, or one
 installed later without ``-c``, can still differ. So after installing, every pinned
 package that is installed must have its pinned version, and the ones training needs
 (``REQUIRED``) must be installed at all. Run it with the venv's own Python:
 
-    .venv/bin/python launch/check_constraints.py [launch/constraints.txt]
+    .venv/bin/python launch/check_constraints.py [FILE ...]   # default: both files
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 #: Installed on every worker; the rest of the file pins whatever else is there.
 REQUIRED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+#: constraints.txt (the development venv) and the packages only workers install.
+DEFAULT_FILES = ("constraints.txt", "constraints-gcs.txt")
 
 
 def canonical(name: str) -> str:
@@ -50,14 +53,16 @@ def problems(pins: dict[str, str], have: dict[str, str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else Path(__file__).with_name("constraints.txt")
-    pins = read_pins(path)
+    paths = [Path(a) for a in argv] or [Path(__file__).with_name(f) for f in DEFAULT_FILES]
+    pins = {}
+    for path in paths:
+        pins.update(read_pins(path))
     found = problems(pins, installed())
     for line in found:
         print(f"check_constraints: {line}", file=sys.stderr)
     if not found:
         print(f"check_constraints: {sum(n in pins for n in installed())} pinned packages "
-              f"match {path.name}")
+              f"match {', '.join(p.name for p in paths)}")
     return 1 if found else 0
 
 

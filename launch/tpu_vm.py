@@ -174,8 +174,9 @@ def is_git_url(repo: str) -> bool:
 
 def setup_commands(args: argparse.Namespace) -> list[list[str]]:
     """Code onto every worker (clone or pull; or a tarball of a local checkout), then
-    ``launch/remote_setup.sh`` there: a Python 3.12 venv (uv) with the TPU jax wheel,
-    installed under ``launch/constraints.txt``."""
+    ``launch/remote_setup.sh`` there: a Python 3.12 venv (uv) with the TPU jax wheel
+    and the ``gcs`` extra, installed under ``launch/constraints.txt`` and
+    ``launch/constraints-gcs.txt``."""
     install = f"bash {REMOTE_DIR}/launch/remote_setup.sh"
     if args.python:
         install += f" --python {shlex.quote(args.python)}"

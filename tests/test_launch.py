@@ -398,7 +398,30 @@ def test_workers_get_python_3_12_and_the_constraints():
     assert "apt-get" not in setup and "python3.11" not in setup
     installs = [line for line in setup.splitlines() if line.startswith("uv pip install")]
     assert len(installs) == 2 and all('-c "$CONSTRAINTS"' in line for line in installs)
-    assert ".venv/bin/python launch/check_constraints.py" in setup
+    # mtop-jax with its gcs extra (gcsfs, google-cloud-storage), under the worker-only pins
+    assert '-c "$GCS_CONSTRAINTS"' in installs[0] and '-e ".[gcs]"' in setup
+    assert "GCS_CONSTRAINTS=launch/constraints-gcs.txt" in setup
+    assert '.venv/bin/python launch/check_constraints.py "$CONSTRAINTS" "$GCS_CONSTRAINTS"' \
+        in setup
+
+
+def test_worker_only_pins_cover_the_gcs_extra():
+    """constraints-gcs.txt pins what the gcs extra adds: nothing constraints.txt pins
+    (two pins of one package could disagree), and versions the extra accepts."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pins = check_constraints.read_pins(LAUNCH / "constraints.txt")
+    gcs = check_constraints.read_pins(LAUNCH / "constraints-gcs.txt")
+    assert not set(pins) & set(gcs)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for line in extras["gcs"]:
+        req = Requirement(line)
+        name = check_constraints.canonical(req.name)
+        assert name in gcs and gcs[name] in req.specifier, line
+    assert {"gcsfs", "google-cloud-storage"} <= set(gcs)
+    assert check_constraints.DEFAULT_FILES == ("constraints.txt", "constraints-gcs.txt")
 
 
 def test_constraints_pin_this_venv_and_agree_with_pyproject():
