@@ -10,7 +10,8 @@ writer (google-cloud-storage, the ``gcs`` extra), which keeps the event file in
 memory and re-uploads it whole: at most every ``flush_seconds`` (tensorboardX's
 ``flush_secs``), at ``flush`` and at ``close``, and only when it has changed.
 Without google-cloud-storage a gs:// run warns once and writes JSONL only.
-Tested against a fake ``google.cloud.storage``, never a real bucket."""
+Tested against a fake ``google.cloud.storage`` and a local stand-in for GCS,
+never a real bucket."""
 
 from __future__ import annotations
 
