@@ -1,6 +1,6 @@
-"""The input tokens' attention through ``jax.nn.dot_product_attention`` (DESIGN.md
-section 9) against the einsum reference: fp32 equal, bf16 close, dropout live falls
-back to the einsum path (the fused call has no dropout)."""
+"""The input tokens' attention (DESIGN.md section 9), computed heads-first, against a
+NumPy softmax reference and ``jax.nn.dot_product_attention`` (its XLA path): fp32
+equal, bf16 close; a live dropout drops probabilities, an idle one changes nothing."""
 
 import jax
 import jax.numpy as jnp
@@ -21,29 +21,41 @@ def batch():
     return q, k, v, mask, jnp.broadcast_to(jnp.arange(9), (3, 9))
 
 
+def numpy_attention(q, k, v, bias, scale):
+    """softmax(q k^T scale + bias) v in float64, [B, T, h, d] in and out."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) * scale + np.asarray(bias, np.float64)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 @pytest.mark.parametrize("window", [None, 2])
-def test_fused_equals_einsum_in_fp32_and_is_close_in_bf16(window):
+def test_equals_references_in_fp32_and_is_close_in_bf16(window):
     q, k, v, mask, positions = batch()
     bias = attention_bias(mask, positions, window)
-    want = dot_product_attention(q, k, v, bias)
-    np.testing.assert_allclose(input_attention(q, k, v, bias), want, atol=1e-6, rtol=0)
+    want = numpy_attention(q, k, v, bias, 8 ** -0.5)
+    got = input_attention(q, k, v, bias)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got, jax.nn.dot_product_attention(q, k, v, bias=bias),
+                               atol=1e-6, rtol=0)
     half = input_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), bias)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=BF16_ATOL, rtol=0)
     # a scale of its own (DeBERTa's 1/sqrt(3 d))
     scaled = input_attention(q, k, v, bias, scale=(3 * 8) ** -0.5)
-    want_scaled = dot_product_attention(q / np.sqrt(3), k, v, bias)
-    np.testing.assert_allclose(scaled, want_scaled, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(scaled, numpy_attention(q, k, v, bias, (3 * 8) ** -0.5),
+                               atol=1e-6, rtol=0)
 
 
-def test_live_dropout_takes_the_einsum_path():
+def test_live_dropout_drops_probabilities_and_an_idle_one_does_nothing():
     q, k, v, mask, positions = batch()
     bias = attention_bias(mask, positions, None)
     drop = lambda: nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=7))
     got = input_attention(q, k, v, bias, dropout=drop())
     np.testing.assert_array_equal(got, dot_product_attention(q, k, v, bias, dropout=drop()))
-    assert np.abs(np.asarray(got - dot_product_attention(q, k, v, bias))).max() > 0.1
+    assert np.abs(np.asarray(got) - numpy_attention(q, k, v, bias, 8 ** -0.5)).max() > 0.1
     off = drop()
     off.eval()
     np.testing.assert_allclose(input_attention(q, k, v, bias, dropout=off),
-                               dot_product_attention(q, k, v, bias), atol=1e-6, rtol=0)
+                               numpy_attention(q, k, v, bias, 8 ** -0.5), atol=1e-6, rtol=0)

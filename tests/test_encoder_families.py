@@ -106,7 +106,7 @@ BF16_ATOL = 0.05
 
 @pytest.mark.parametrize("family", ["modernbert", "deberta-v3", "deberta-v2"])
 def test_bf16_compute_stays_close_to_fp32(family):
-    """Params stay fp32; bf16 compute (attention through jax.nn.dot_product_attention)
+    """Params stay fp32; bf16 compute (attention through attention.input_attention)
     keeps hidden states and pooler within BF16_ATOL of fp32 (MiniLM: test_encoder)."""
     cfg, params, encoder, ref = loaded(family)
     half = build_encoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)

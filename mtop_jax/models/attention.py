@@ -3,8 +3,9 @@
 Kept apart from the layers so that the plain encoder, the MTOP prompt
 attention and the dense masked reference all share one softmax.
 :func:`input_attention` is the input tokens' self-attention (DESIGN.md section
-9): ``jax.nn.dot_product_attention``, so that backends can use their fused
-kernels; the prompts' small [N, P, L+P] attention stays a batched einsum.
+9): ``jax.nn.dot_product_attention`` on accelerators, so that backends can use
+their fused kernels, and on CPU our heads-first einsums, which XLA:CPU runs
+faster; the prompts' small [N, P, L+P] attention stays a batched einsum.
 """
 
 from __future__ import annotations
@@ -50,17 +51,18 @@ def attention_bias(attention_mask: jax.Array, positions: jax.Array,
 def input_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
                     *, dropout: nnx.Dropout | None = None, scale: float | None = None
                     ) -> jax.Array:
-    """softmax(q k^T scale + bias) v through ``jax.nn.dot_product_attention``.
+    """softmax(q k^T scale + bias) v, the input tokens' self-attention.
 
     q, k, v: [B, T, h, d] in one dtype; bias (fp32) broadcastable to [B, h, Tq, Tk];
-    ``scale`` defaults to 1/sqrt(d). The softmax runs in fp32 whatever the compute
-    dtype. That call has no attention dropout, so while ``dropout`` is live (training
-    with a nonzero rate) this is :func:`dot_product_attention` instead.
+    ``scale`` defaults to 1/sqrt(d). On accelerators ``jax.nn.dot_product_attention``
+    (DESIGN.md section 9: their fused kernels); on CPU, or while ``dropout`` is live
+    (training with a nonzero rate; that call has no attention dropout),
+    :func:`dot_product_attention`, heads-first.
     """
-    if dropout is not None and dropout.rate > 0 and not dropout.deterministic:
-        if scale is not None:
-            q = q * jnp.asarray(scale * q.shape[-1] ** 0.5, q.dtype)
-        return dot_product_attention(q, k, v, bias, dropout=dropout)
+    live = dropout is not None and dropout.rate > 0 and not dropout.deterministic
+    if live or jax.default_backend() == "cpu":
+        return dot_product_attention(q, k, v, bias, dropout=dropout if live else None,
+                                     scale=scale)
     if bias is not None:
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
@@ -82,18 +84,29 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     *,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(d) + bias) v.
+    """softmax(q k^T scale + bias) v, ``scale`` 1/sqrt(d) by default.
 
     q: [B, Tq, h, d]; k, v: [B, Tk, h, d]; bias broadcastable to [B, h, Tq, Tk].
     The softmax runs in fp32 whatever the compute dtype; ``dropout`` (e.g. an
     ``nnx.Dropout``) is applied to the attention probabilities.
+
+    Both batched products run heads-first ([B, h, T, d], one transpose of each
+    operand): XLA:CPU computes them about 2-3x faster than over the [B, T, h, d]
+    layout that ``jax.nn.dot_product_attention``'s XLA path uses, which made attention
+    half of MiniLM's forward time on CPU in a microbenchmark (benchmarks/README.md,
+    issue 18).
     """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # The scale goes on q ([B, T, h, d], as flax's attention does), not on the
+    # [B, h, Tq, Tk] scores, where XLA:CPU materialised it as a full-size constant.
+    q = q * jnp.asarray(scale, q.dtype)
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # [B, h, T, d]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
     if bias is not None:
         scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v).swapaxes(1, 2)

@@ -126,7 +126,7 @@ class EncoderLayer(nnx.Module):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
         """The input tokens' attention context [B, T, h, d], through
-        ``jax.nn.dot_product_attention`` (``attention.input_attention``)."""
+        ``attention.input_attention``."""
         return input_attention(q, k, v, bias, dropout=self.probs_dropout())
 
     def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array | None,

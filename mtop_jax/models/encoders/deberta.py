@@ -117,7 +117,7 @@ class DebertaLayer(bert.TransformerLayer):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
-        """The content scores through ``jax.nn.dot_product_attention``, the relative
+        """The content scores through ``attention.input_attention``, the relative
         terms joining the padding mask in its bias."""
         if ctx is not None:
             relative = self.relative_scores(q, k, positions, positions, ctx)
