@@ -217,6 +217,10 @@ def test_peers_checks_pair_rounds_and_judge_the_issue_targets():
                          "beside this one). On a busy machine these are not the figures to "
                          "report.")
     assert "Noise" not in peers.report(rows[4:5], [], args, {"host_cpus": 2})
+    # at the end the run's own threads count: 2 on 2 CPUs is this run, 3.5 is not
+    own = {"host_cpus": 2, "load_average_start": 0.3, "load_average_end": 2.0}
+    assert "Noise" not in peers.report(rows[4:5], [], args, own)
+    assert "reached 3.50" in peers.report(rows[4:5], [], args, {**own, "load_average_end": 3.5})
 
 
 def test_peers_quick_jax_variants_run_without_torch(tmp_path, capsys):
