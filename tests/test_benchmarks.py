@@ -2,6 +2,8 @@
 what they claim (benchmarks/README.md)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import forward_passes, peers, quality, train_step  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ROW_FIELDS = {"size", "mode", "tasks", "length", "batch", "status", "skip_reason", "flops",
               "median_s", "min_s", "max_s", "times_s", "repeats", "spread", "compile_s"}
@@ -262,3 +266,19 @@ def test_peers_quick_against_pytorch_peft_and_pipelines(tmp_path, capsys):
     names = {(c["name"], c["tasks"]) for c in result["checks"]}
     assert ("JAX shared vs PyTorch shared", 2) in names
     assert ("JAX prefix vs PEFT prefix (both N passes)", 2) in names
+
+
+def test_profile_forward_quick_names_xla_operations(tmp_path):
+    """A subprocess: the per-operation trace flag must be in XLA_FLAGS before jax starts."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_forward.py"),
+                           "--quick", "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "profile.json").read_text())
+    ops = result["ops_ms_per_call"]
+    assert ops and all(ms >= 0 for ms in ops.values())
+    assert result["wall_ms_per_call"] > 0 and result["busy_ms_per_call"] > 0
+    assert "fusion" in " ".join(ops)  # XLA's fused operations, by their HLO names
+    assert "ENTRY" in (tmp_path / "optimized_hlo.txt").read_text()
+    assert "| operation kind" in done.stdout
