@@ -112,6 +112,14 @@ def op_times(trace_file: Path, calls: int) -> tuple[dict[str, float], float, flo
     return {k: v * scale for k, v in per_op.items()}, wall * scale, busy * scale
 
 
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """{operation: the jax operation it came from} from the HLO's ``op_name`` metadata
+    (e.g. ``ynn_fusion.14`` -> ``...->bhqd/dot_general``): which dot, which softmax."""
+    found = re.finditer(r'^\s*%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', hlo_text,
+                        re.MULTILINE)
+    return {m.group(1): re.sub(r"^jit\([^)]*\)/", "", m.group(2)) for m in found}
+
+
 def kind(name: str) -> str:
     """The operation's family: its name without the instance number."""
     return re.sub(r"\.\d+$", "", name)
@@ -121,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     compiled, state, ids, mask = build(args)
-    (args.out / "optimized_hlo.txt").write_text(compiled.as_text())
+    hlo = compiled.as_text()
+    (args.out / "optimized_hlo.txt").write_text(hlo)
+    sources = op_sources(hlo)
     for _ in range(2):  # warm: allocations, thread pools
         jax.block_until_ready(compiled(state, ids, mask))
     trace_dir = args.out / "trace"
@@ -135,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     by_kind: Counter[str] = Counter()
     for name, ms in ops.items():
         by_kind[kind(name)] += ms
-    rows = [[name, f"{ms:.2f}", f"{100 * ms / total:.1f}%"]
+    rows = [[name, f"{ms:.2f}", f"{100 * ms / total:.1f}%", sources.get(name, "")[:60]]
             for name, ms in sorted(ops.items(), key=lambda x: -x[1])[:args.top]]
     kinds = [[k, f"{ms:.2f}", f"{100 * ms / total:.1f}%"] for k, ms in by_kind.most_common()]
     print(f"# {args.mode}, N={args.tasks}, P={args.prompts}, B={args.batch}, L={args.length}: "
@@ -143,12 +153,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{total:.1f} ms (summed over threads)\n")
     print(markdown_table(["operation kind", "ms per call", "share"], kinds))
     print()
-    print(markdown_table(["operation", "ms per call", "share"], rows))
+    print(markdown_table(["operation", "ms per call", "share", "from (HLO op_name)"], rows))
     result = {"environment": environment(sys.argv if argv is None else argv),
               "settings": {k: (str(v) if isinstance(v, Path) else v)
                            for k, v in vars(args).items()},
               "wall_ms_per_call": wall, "busy_ms_per_call": busy, "ops_ms_per_call": ops,
-              "kinds_ms_per_call": dict(by_kind)}
+              "kinds_ms_per_call": dict(by_kind),
+              "op_sources": {k: sources.get(k, "") for k in ops}}
     write_json(args.out / "profile.json", result)
     print(f"\nwrote {args.out / 'profile.json'}, {args.out / 'optimized_hlo.txt'}, {trace_dir}")
     return result

@@ -51,18 +51,12 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
         x = self.word_embeddings(input_ids)
-        # Positions 0..L-1 and the all-zero token type are slices, not lookups: XLA:CPU
-        # ran those two gathers as slowly as a layer's attention (benchmarks/README.md).
         if self.position_embeddings is not None:
-            if self.cfg.offset_positions:
-                x = x + self.position_embeddings(self.position_ids(input_ids))
-            else:
-                x = x + self.position_embeddings.embedding[:input_ids.shape[-1]].astype(x.dtype)
+            x = x + self.position_embeddings(self.position_ids(input_ids))
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
-                x = x + self.token_type_embeddings.embedding[0].astype(x.dtype)
-            else:
-                x = x + self.token_type_embeddings(token_type_ids)
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.norm(x))
 
 
@@ -84,15 +78,9 @@ class SelfAttention(nnx.Module):
         return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[..., T, H] -> q, k, v each [..., T, heads, head_dim], as one [H, 3, H]
-        product: XLA:CPU runs one GEMM on both threads, where three small ones ran side
-        by side, one thread each (benchmarks/README.md, issue 18)."""
-        parts = (self.query, self.key, self.value)
-        dtype = self.query.dtype or x.dtype
-        kernel = jnp.stack([p.kernel[...] for p in parts], axis=1).astype(dtype)  # [H, 3, H]
-        bias = jnp.stack([p.bias[...] for p in parts]).astype(dtype)  # [3, H]
-        qkv = jnp.einsum("...h,hko->...ko", x.astype(dtype), kernel) + bias
-        return tuple(self.split_heads(qkv[..., i, :]) for i in range(3))
+        """[..., T, H] -> q, k, v each [..., T, heads, head_dim]."""
+        return (self.split_heads(self.query(x)), self.split_heads(self.key(x)),
+                self.split_heads(self.value(x)))
 
     def finish(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """Merge heads, project, add the residual ``x`` and normalise."""
