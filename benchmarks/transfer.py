@@ -98,7 +98,6 @@ from benchmarks.quality import (  # noqa: E402
     split_examples,
     subsample_train,
     tfidf_reference,
-    train_or_stop,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,12 +223,12 @@ def restricted(config, tasks: Sequence[str], train_file: Path | None):
 
 def run_config(args, mode: str, seed: int, tasks: Sequence[str], train_file: Path,
                steps: int, stage: str):
-    """The trainer's config of one run: no test split (the downstream models are scored
-    there), one evaluation and one checkpoint, at the end; ``--prefix-overrides`` on the
-    ``prompts`` runs."""
+    """The trainer's config of one run: no evaluation (the downstream models are what is
+    scored), one checkpoint, at the end; ``--prefix-overrides`` on the ``prompts`` runs."""
     flags = [f"--config.train.steps={steps}", f"--config.train.stage={stage}",
-             "--config.train.test_split=", "--config.predict_examples=0",
-             f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}"]
+             "--config.train.eval_split=", "--config.train.test_split=",
+             "--config.train.best_metric=", "--config.predict_examples=0",
+             f"--config.train.checkpoint_every={steps}"]
     if stage == "prompts":
         flags += args.prefix_flags
     return restricted(base_config(args, mode, seed, flags), tasks, train_file)
@@ -254,20 +253,23 @@ def labelled_file(config, tasks: Sequence[str], train_file: Path | None, out: Pa
 
 
 def trained(train, name: str, config, out: Path) -> dict[str, Any]:
-    """Train the run ``name``; its workdir, steps, training wall time and last validation
-    metrics. A run that finished in an earlier call (its last checkpoint and its stored
-    wall time present) is reused as it is, not even re-evaluated."""
+    """Train the run ``name``; its workdir, steps and training wall time. A run that
+    finished in an earlier call (its last checkpoint and its stored wall time present) is
+    reused as it is."""
     workdir = out / "runs" / name
     steps = int(config.train.steps)
     timing = out / "runs" / f"{name}.wall.json"
+    done = lambda: (workdir / "checkpoints" / str(steps)).is_dir()
     stored = json.loads(timing.read_text()) if timing.exists() else None
-    if stored is None or not (workdir / "checkpoints" / str(steps)).is_dir():
+    if stored is None or not done():
         t0 = time.perf_counter()
-        metrics = train_or_stop(train, config, workdir)
-        stored = {"wall_s": time.perf_counter() - t0,
-                  "validation": {k: v for k, v in metrics.items() if not k.startswith("test/")}}
+        train(config, workdir)  # no evaluation: it returns {}
+        if not done():  # SIGTERM: the trainer saved where it was
+            raise SystemExit(f"transfer: run {name} was interrupted (saved); run the same "
+                             "command again to resume it")
+        stored = {"wall_s": time.perf_counter() - t0}
         write_json(timing, stored)
-    return {"name": name, "workdir": str(workdir), "steps": steps, **stored}
+    return {"name": name, "workdir": str(workdir), "steps": steps, "wall_s": stored["wall_s"]}
 
 
 def step_flops(config, out: Path, name: str) -> float | None:
