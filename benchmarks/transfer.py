@@ -273,7 +273,8 @@ def trained(train, name: str, config, out: Path) -> dict[str, Any]:
 
 
 def step_flops(config, out: Path, name: str) -> float | None:
-    """Compiled FLOPs of one train step of ``config`` at its longest length (stored)."""
+    """Compiled FLOPs of one train step of ``config`` at its longest length, on one
+    device (stored beside the run)."""
     import jax
 
     from mtop_jax.data.pipeline import build_dataset
@@ -286,7 +287,8 @@ def step_flops(config, out: Path, name: str) -> float | None:
         return json.loads(cache.read_text())["flops_per_step"]
     tokenizer = load_tokenizer(config)
     dataset = build_dataset(config.data, tokenizer, "train")
-    run = setup(config, dataset.tasks, tokenizer)
+    # one device: the whole step's FLOPs (on a mesh XLA counts one device's share)
+    run = setup(config, dataset.tasks, tokenizer, devices=jax.devices()[:1])
     host = next(dataset.train_iterator(seed=0))
     length = int(config.data.max_length)
     host = {k: np.pad(v, ((0, 0), (0, length - v.shape[1])))
