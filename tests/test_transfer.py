@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import transfer  # noqa: E402
 
 
+@pytest.mark.slow  # about a minute (three trainer runs): make test-all
 def test_transfer_quick(tmp_path, capsys):
     result = transfer.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
