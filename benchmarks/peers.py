@@ -175,16 +175,9 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) ->
     """``jax-shared``, ``mtop`` and ``jax-prefix`` per N, from the pretrained weights,
     compiled ahead of time (so that compile never lands in a timed call)."""
     from mtop_jax.models.multitask import ModelConfig, MultiTaskModel, load_backbone
-    from mtop_jax.models.pretrained import (
-        encoder_params,
-        load_config,
-        read_safetensors,
-        resolve_model_dir,
-    )
+    from mtop_jax.models.pretrained import pretrained_params
 
-    model_dir = resolve_model_dir(args.model)
-    enc = load_config(model_dir)
-    params = encoder_params(enc, read_safetensors(model_dir), source=str(model_dir))
+    enc, params = pretrained_params(args.model)
     ids, mask = jax.device_put(ids), jax.device_put(mask)  # on the device once, as torch's
 
     def compiled_state(mode: str, n: int):
@@ -334,26 +327,18 @@ def build_random_model(args: argparse.Namespace, out: Path) -> Path:
     prompts and heads, written as an exported model directory (what ``load`` reads)."""
     from mtop_jax.data.tasks import TaskSpec
     from mtop_jax.models.multitask import ModelConfig, MultiTaskModel, load_backbone
-    from mtop_jax.models.pretrained import (
-        encoder_params,
-        load_config,
-        load_tokenizer,
-        read_safetensors,
-        resolve_model_dir,
-    )
+    from mtop_jax.models.pretrained import load_tokenizer, pretrained_params
     from mtop_jax.models.spec import ModelSpec
     from mtop_jax.serving.export import save_model_dir
     from mtop_jax.serving.predictor import Predictor
 
-    model_dir = resolve_model_dir(args.model)
-    enc = load_config(model_dir)
+    enc, params = pretrained_params(args.model)
     labels = tuple(f"label{c}" for c in range(NUM_CLASSES))
     spec = ModelSpec(enc, ModelConfig(mode="mtop", num_prompts=args.prompts),
                      tuple(TaskSpec(f"task{t}", labels=labels)
                            for t in range(args.predict_tasks)))
     model = MultiTaskModel(enc, spec.model, spec.head_tasks, rngs=nnx.Rngs(0))
-    load_backbone(model, encoder_params(enc, read_safetensors(model_dir),
-                                        source=str(model_dir)))
+    load_backbone(model, params)
     model.eval()
     predictor = Predictor(spec, nnx.state(model, nnx.Param), load_tokenizer(args.model),
                           max_length=args.predict_length, batch_size=args.batch)

@@ -69,16 +69,9 @@ def build(args: argparse.Namespace):
 
         enc, params = random_preset("random:tiny"), None
     else:
-        from mtop_jax.models.pretrained import (
-            encoder_params,
-            load_config,
-            read_safetensors,
-            resolve_model_dir,
-        )
+        from mtop_jax.models.pretrained import pretrained_params
 
-        model_dir = resolve_model_dir(args.model)
-        enc = load_config(model_dir)
-        params = encoder_params(enc, read_safetensors(model_dir), source=str(model_dir))
+        enc, params = pretrained_params(args.model)
     tasks = [(f"task{t}", 5) for t in range(args.tasks)]
     model = MultiTaskModel(enc, ModelConfig(mode=args.mode, num_prompts=args.prompts), tasks,
                            rngs=nnx.Rngs(0))

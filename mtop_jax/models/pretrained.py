@@ -231,12 +231,18 @@ def assign_params(module: nnx.Module, params: dict[tuple[Any, ...], np.ndarray])
     nnx.update(module, nnx.from_flat_state(flat))
 
 
+def pretrained_params(source: str | Path = DEFAULT_MODEL
+                      ) -> tuple[EncoderConfig, dict[tuple[Any, ...], np.ndarray]]:
+    """The config and the encoder parameters (by NNX path) of a pretrained ``source``."""
+    model_dir = resolve_model_dir(source)
+    cfg = load_config(model_dir)
+    return cfg, encoder_params(cfg, read_safetensors(model_dir), source=str(model_dir))
+
+
 def load_encoder(source: str | Path = DEFAULT_MODEL, *, dtype: Any = jnp.float32,
                  seed: int = 0) -> tuple[Encoder, EncoderConfig]:
     """A pretrained :class:`Encoder` (in eval mode) and its config, from ``source``."""
-    model_dir = resolve_model_dir(source)
-    cfg = load_config(model_dir)
-    params = encoder_params(cfg, read_safetensors(model_dir), source=str(model_dir))
+    cfg, params = pretrained_params(source)
     encoder = build_encoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
     assign_params(encoder, params)
     encoder.eval()
