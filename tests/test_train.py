@@ -187,15 +187,15 @@ def test_prompts_stage_changes_no_backbone_parameter(tmp_path, devices):
 
 def test_prompts_stage_takes_no_backbone_gradient_and_steps_as_before(devices):
     """The ``prompts`` stage differentiates only the per-task parameters: its compiled
-    step has about 2/3 of the full step's FLOPs (no weight gradient of the backbone),
-    and one step moves the per-task parameters as the step with every gradient did."""
+    step has below 0.8x the FLOPs of the same step taking every gradient (no weight
+    gradient of the backbone), and moves the per-task parameters as that step does."""
     from mtop_jax.training.steps import jit_train_step
 
     def compiled_flops(compiled) -> float:
         cost = compiled.cost_analysis()
         return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
-    def one_step(stage, frozen_too=True):
+    def one_step(stage, frozen_too=True):  # (FLOPs of the step, parameters after it)
         config = tiny_config(f"--config.train.stage={stage}", "--config.mesh.data=1",
                              "--config.model.prompt_depth=deep")
         tokenizer = load_tokenizer(config)
@@ -217,10 +217,8 @@ def test_prompts_stage_takes_no_backbone_gradient_and_steps_as_before(devices):
         return flops, {"/".join(map(str, p)): np.asarray(v.get_value())
                        for p, v in nnx.to_flat_state(state.params)}
 
-    full_flops, _ = one_step("full")
     prompts_flops, masked = one_step("prompts")
     every_flops, every = one_step("prompts", frozen_too=False)
-    assert prompts_flops < 0.8 * full_flops, (prompts_flops, full_flops)
     assert prompts_flops < 0.8 * every_flops, (prompts_flops, every_flops)
     assert masked.keys() == every.keys()
     for key in masked:
