@@ -7,7 +7,10 @@ WORKDIR ?= workdirs/demo
 # pytest worker processes, a test file each (module fixtures are built once): tiny
 # compiles are single-threaded, so 2 workers use both cores of this machine.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+# Bytecode on: the suite starts about 40 Python processes (pytest workers, trainers
+# killed and resumed, multi-process runs), and with PYTHONDONTWRITEBYTECODE set each
+# compiles jax's and transformers' sources again (~4 s a process here).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all lint bench bench-peers clean
 

@@ -80,8 +80,8 @@ def reference(tmp_path_factory):
 #: file each, `--dist loadfile`) are less likely to end on one long file alone.
 LONGEST_FIRST = ("test_faults_train.py", "test_faults_kill.py", "test_train.py",
                  "test_multitask.py", "test_multiprocess.py", "test_inference.py",
-                 "test_train_weighting.py", "test_faults_predictor.py", "test_serve.py",
-                 "test_packaging.py")
+                 "test_benchmarks.py", "test_train_weighting.py", "test_encoder_e2e.py",
+                 "test_faults_predictor.py", "test_serve.py", "test_packaging.py")
 
 
 def pytest_collection_modifyitems(config, items):

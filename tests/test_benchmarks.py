@@ -227,6 +227,7 @@ def test_peers_checks_pair_rounds_and_judge_the_issue_targets():
     assert "reached 3.50" in peers.report(rows[4:5], [], args, {**own, "load_average_end": 3.5})
 
 
+@pytest.mark.slow  # 30 s; peers.report and the ratios are tested above without training
 def test_peers_quick_jax_variants_run_without_torch(tmp_path, capsys):
     result = peers.main(["--quick", "--variants", "jax-shared,mtop,jax-prefix,mtop-predict",
                          "--out", str(tmp_path)])

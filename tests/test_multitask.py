@@ -25,6 +25,10 @@ from mtop_jax.models.multitask import (
 )
 from mtop_jax.parallel.sharding import DEFAULT_RULES, state_shardings
 
+#: `single` (N encoders, 13-18 s a test here) in make test-all; the other modes in make test.
+MODES_SINGLE_SLOW = [pytest.param(m, marks=pytest.mark.slow) if m == "single" else m
+                     for m in MODES]
+
 
 def make_batch(batch=3, length=12, seed=0, vocab=TINY.vocab_size):
     rng = np.random.RandomState(seed)
@@ -93,7 +97,7 @@ def test_I1_adding_a_task_leaves_other_logits_bit_identical(pooler):
         np.testing.assert_array_equal(out_fewer[name], out_full[name], err_msg=name)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SINGLE_SLOW)
 def test_I2_task_alone_equals_task_among_all(mode):
     full = make_model(4, mode=mode, prompt_depth="deep")
     ids, mask = make_batch()
@@ -148,7 +152,7 @@ def test_dense_reference_is_quadratic_so_the_cost_test_can_fail():
 # ------------------------------------------------------------------ meshes
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_SINGLE_SLOW)
 def test_every_mode_same_outputs_on_1_and_8_devices(mode, devices):
     from mtop_jax.parallel.sharding import make_mesh
 

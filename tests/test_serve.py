@@ -538,6 +538,7 @@ def test_server_on_two_devices_answers_as_one(model_dir, expected):
 # ------------------------------------------------------------------------ load test
 
 
+@pytest.mark.slow  # 30 s of load; the server's answers are tested above
 def test_serve_load_quick_writes_its_table_targets_json_and_png(model_dir, tmp_path, capsys):
     from pathlib import Path
 

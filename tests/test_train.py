@@ -321,8 +321,9 @@ def test_every_config_file_loads_and_is_valid(name):
 
 #: Stateful weightings, with options that make their state move within 6 steps: stch's
 #: nadir is collected over steps 2-3 (epochs of 2 steps; the stop at 3 falls in it) and
-#: used from step 4; gradnorm's scales (and their Adam state) learn from step 1.
-STATEFUL = {"dbmtl": {}, "stch": {"steps_per_epoch": 2, "warmup_epochs": 1},
+#: used from step 4; gradnorm's scales (and their Adam state) learn from step 1; famo's
+#: task logits move from step 2 (from the loss change of step 1).
+STATEFUL = {"famo": {}, "dbmtl": {}, "stch": {"steps_per_epoch": 2, "warmup_epochs": 1},
             "gradvac": {}, "gradnorm": {"steps_per_epoch": 1, "learning_rate": 0.1}}
 SHORT = ["--config.train.steps=6", "--config.train.checkpoint_every=100",
          "--config.train.log_every=3", "--config.train.eval_split=",
@@ -332,7 +333,8 @@ SHORT = ["--config.train.steps=6", "--config.train.checkpoint_every=100",
 
 
 @pytest.mark.parametrize("method", [
-    "dbmtl",  # gradient buffers, one per shared parameter
+    "famo",  # its task logits and the last losses (a loss-based step: make test)
+    pytest.param("dbmtl", marks=pytest.mark.slow),  # gradient buffers per shared parameter
     pytest.param("stch", marks=pytest.mark.slow),  # the nadir's running loss sums and counts
     pytest.param("gradvac", marks=pytest.mark.slow),  # the EMA of the cosines
     pytest.param("gradnorm", marks=pytest.mark.slow)])  # learned scales and their Adam

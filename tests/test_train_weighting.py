@@ -52,17 +52,17 @@ def static_run(devices):
     return weighting_run("static", devices)
 
 
-# make test: one method per path of the step (static; learned parameters; the losses
-# after the step; per-task gradients combined from their Gram matrix; per coordinate,
-# graddrop's own combine_shared); make test-all: all. Every method's own arithmetic,
+# make test: one method per path of the step (static; learned state and the losses
+# after the step: famo; per-task gradients combined from their Gram matrix; per
+# coordinate, graddrop's own combine_shared); make test-all: all (uncertainty's learned
+# scales; dbmtl's gradient buffers, also resumed in test_train.py). Every method's own arithmetic,
 # and that it changes the update, is tested jitted in test_weighting.py (and against
 # torchjd in test_weighting_reference.py).
 @pytest.mark.parametrize("method", [
-    "static", "uncertainty", "famo", "pcgrad",
-    "dbmtl",  # its gradient buffers (transform_grads)
+    "static", "famo", "pcgrad",
     "graddrop",  # per coordinate (combine_shared)
     *(pytest.param(m, marks=pytest.mark.slow) for m in (
-        "dwa", "mgda", "cagrad", "getmtl",
+        "uncertainty", "dbmtl", "dwa", "mgda", "cagrad", "getmtl",
         "rlw", "gls", "stch", "gradnorm", "nashmtl", "fairgrad",
         "upgrad", "dualproj", "imtlg", "alignedmtl", "conflictfree", "gradvac"))])
 def test_every_weighting_method_trains_without_nan(method, devices, static_run):
