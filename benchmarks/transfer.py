@@ -375,13 +375,13 @@ def fit_mlp(regression: bool, x, y, xv, yv, seed: int):
 
     if regression:
         mean, std = float(np.mean(y)), float(np.std(y)) or 1.0
-        model = MLPRegressor((MLP_HIDDEN,), alpha=1e-3, random_state=seed,
+        model = MLPRegressor(hidden_layer_sizes=(MLP_HIDDEN,), alpha=1e-3, random_state=seed,
                              learning_rate_init=1e-3, batch_size=64)
         fit = lambda: model.partial_fit(x, (y - mean) / std)
         score = lambda m: -np.mean((m.predict(xv) * std + mean - yv) ** 2)
     else:
         classes = np.unique(y)
-        model = MLPClassifier((MLP_HIDDEN,), alpha=1e-3, random_state=seed,
+        model = MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=1e-3, random_state=seed,
                               learning_rate_init=1e-3, batch_size=64)
         fit = lambda: model.partial_fit(x, y, classes=classes)
         score = lambda m: np.mean(m.predict(xv) == yv)

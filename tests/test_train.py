@@ -185,6 +185,46 @@ def test_prompts_stage_changes_no_backbone_parameter(tmp_path, devices):
             np.testing.assert_array_equal(initial[key], trained[key], err_msg="/".join(key))
 
 
+def test_prompts_stage_takes_no_backbone_gradient_and_steps_as_before(devices):
+    """The ``prompts`` stage differentiates only the per-task parameters: its compiled
+    step has below 0.8x the FLOPs of the same step taking every gradient (no weight
+    gradient of the backbone), and moves the per-task parameters as that step does."""
+    from mtop_jax.training.steps import jit_train_step
+
+    def compiled_flops(compiled) -> float:
+        cost = compiled.cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    def one_step(stage, frozen_too=True):  # (FLOPs of the step, parameters after it)
+        config = tiny_config(f"--config.train.stage={stage}", "--config.mesh.data=1",
+                             "--config.model.prompt_depth=deep")
+        tokenizer = load_tokenizer(config)
+        dataset = build_dataset(config.data, tokenizer, "train")
+        run = setup(config, dataset.tasks, tokenizer, devices=devices[:1])
+        host = {k: v for k, v in next(dataset.train_iterator(seed=0)).items()
+                if k in BATCH_KEYS}
+        batch = to_global(host, run.data_sharding, BATCH_KEYS)
+        step = run.train_step
+        if not frozen_too:  # the same step, every gradient computed (before the mask)
+            step = jit_train_step(run.train_graphdef, run.tx, run.weighting,
+                                  run.spec.regression, run.weighting_tx,
+                                  seed=config.train.seed, state_shardings=run.state_shardings,
+                                  data_sharding=run.data_sharding,
+                                  task_loss=config.train.task_loss,
+                                  output_scales=run.spec.output_scales)
+        flops = compiled_flops(step.lower(run.state, batch).compile())
+        state, _ = step(run.state, batch)
+        return flops, {"/".join(map(str, p)): np.asarray(v.get_value())
+                       for p, v in nnx.to_flat_state(state.params)}
+
+    prompts_flops, masked = one_step("prompts")
+    every_flops, every = one_step("prompts", frozen_too=False)
+    assert prompts_flops < 0.8 * every_flops, (prompts_flops, every_flops)
+    assert masked.keys() == every.keys()
+    for key in masked:
+        np.testing.assert_allclose(masked[key], every[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 # ---------------------------------------------------------------------------- config
 
 

@@ -98,3 +98,21 @@ def test_with_task_appends_a_prefix_and_refuses_another_backbone():
         np.testing.assert_allclose(after[:, :width], before, atol=1e-6)
     with pytest.raises(SystemExit, match="not the same frozen backbone"):
         transfer.with_task(old, predictor(["new"], seed=1))
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_the_mlp_fits_both_kinds_of_target(regression):
+    """The regression target of debian-packages-dev (``log2_installed_kb``) goes through
+    the MLP regressor (its first positional argument is ``loss`` in scikit-learn 1.9),
+    the classification targets through the classifier; both learn a learnable task."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, xv = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
+    f = lambda a: a[:, 0] * 3 + 5 if regression else (a[:, 0] > 0).astype(int)
+    model = transfer.fit_mlp(regression, x, f(x), xv, f(xv), seed=0)
+    predicted = model.predict(xv)
+    if regression:
+        assert np.corrcoef(predicted, f(xv))[0, 1] > 0.9
+    else:
+        assert np.mean(predicted == f(xv)) > 0.9

@@ -109,8 +109,17 @@ def make_optimizer(cfg: Any, steps: int, params: nnx.State, stage: str = "full"
     return optax.chain(*parts), schedules
 
 
+def frozen_mask(params: nnx.State, stage: str, lr_mult: dict[str, float]) -> nnx.State:
+    """True for every parameter the optimizer never changes (frozen by the stage, or its
+    group's multiplier is 0). The train step takes no gradient of these
+    (``steps.make_train_step``'s ``frozen``)."""
+    labels = param_labels(params, stage)
+    return jax.tree.map(lambda lab: lab == FROZEN or float(lr_mult.get(lab, 1.0)) == 0.0,
+                        labels)
+
+
 def trainable_count(params: nnx.State, stage: str, lr_mult: dict[str, float]) -> int:
     """Number of parameters the optimizer will change."""
-    labels = jax.tree.leaves(param_labels(params, stage))
-    return int(sum(jnp.size(x) for x, lab in zip(jax.tree.leaves(params), labels, strict=True)
-                   if lab != FROZEN and float(lr_mult.get(lab, 1.0)) != 0.0))
+    frozen = jax.tree.leaves(frozen_mask(params, stage, lr_mult))
+    return int(sum(jnp.size(x) for x, f in zip(jax.tree.leaves(params), frozen, strict=True)
+                   if not f))

@@ -214,7 +214,9 @@ def setup(config: ml_collections.ConfigDict, tasks, tokenizer, *, devices=None) 
     train_step = jit_train_step(train_graphdef, tx, weighting, spec.regression, weighting_tx,
                                 seed=tcfg.seed, state_shardings=state_shardings,
                                 data_sharding=data_sharding, task_loss=tcfg.task_loss,
-                                output_scales=spec.output_scales)
+                                output_scales=spec.output_scales,
+                                frozen=optim.frozen_mask(params, tcfg.stage,
+                                                         dict(config.optim.lr_mult)))
     eval_step = jit_eval_step(eval_graphdef, spec.regression,
                               param_shardings=state_shardings.params,
                               rest_shardings=state_shardings.rest, data_sharding=data_sharding,

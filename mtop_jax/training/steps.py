@@ -51,12 +51,16 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     weighting: LossWeighting | GradWeighting, regression,
                     weighting_tx: optax.GradientTransformation | None = None, *,
-                    seed: int = 0, task_loss: str = "labelled", output_scales=None):
+                    seed: int = 0, task_loss: str = "labelled", output_scales=None,
+                    frozen: nnx.State | None = None):
     """The pure train step; ``seed`` (``train.seed``) keys a method's randomness
     (PCGrad's projection order), folded with the step number; ``task_loss``
     (``train.task_loss``) normalises each task's loss (``losses.task_losses``);
     ``output_scales``: the tasks' (target_mean [N], target_std [N])
-    (``data.tasks.output_scales``), None for none."""
+    (``data.tasks.output_scales``), None for none; ``frozen``: True for the parameters
+    the optimizer never changes (``optim.frozen_mask``): their gradient is not computed
+    (``stop_gradient``; the ``prompts`` stage then skips every weight gradient of the
+    backbone, about a third of a full step's FLOPs), None: every gradient."""
     regression = jnp.asarray(regression)
     mean, std = _scales(output_scales)
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
@@ -64,6 +68,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def forward(params, rest, batch):
         """(losses [K], (present [K], counts [K], the model's new non-param state))."""
+        if frozen is not None:  # their gradients are zeros XLA need not compute
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p,
+                                  params, frozen)
         # Fresh Variables in this trace: dropout advances its RNG counter in place.
         model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
         logits = model.logits(batch["input_ids"], batch["attention_mask"],
@@ -158,12 +165,12 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    weighting: LossWeighting | GradWeighting, regression,
                    weighting_tx: optax.GradientTransformation, *, seed: int,
                    state_shardings, data_sharding: NamedSharding, task_loss: str = "labelled",
-                   output_scales=None):
+                   output_scales=None, frozen: nnx.State | None = None):
     """``(state, batch) -> (state, metrics)`` jitted with the state's and the batch's
     shardings; the state is donated (updated in place)."""
     return jax.jit(make_train_step(graphdef, tx, weighting, regression, weighting_tx,
                                    seed=seed, task_loss=task_loss,
-                                   output_scales=output_scales),
+                                   output_scales=output_scales, frozen=frozen),
                    in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
