@@ -101,8 +101,10 @@ def make_optimizer(cfg: Any, steps: int, params: nnx.State, stage: str = "full"
     labels = param_labels(params, stage)
     parts = []
     if cfg.clip_norm:
-        # Zero the frozen gradients first, so that they do not count in the clipping norm.
-        keep = {k: optax.set_to_zero() if k == FROZEN else optax.identity() for k in transforms}
+        # Zero the frozen gradients first (the stage's and the groups with multiplier 0,
+        # as frozen_mask), so that they do not count in the clipping norm.
+        keep = {k: optax.identity() if k in schedules else optax.set_to_zero()
+                for k in transforms}
         parts += [optax.multi_transform(keep, labels),
                   optax.clip_by_global_norm(float(cfg.clip_norm))]
     parts.append(optax.multi_transform(transforms, labels))

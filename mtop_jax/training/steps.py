@@ -59,8 +59,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     ``output_scales``: the tasks' (target_mean [N], target_std [N])
     (``data.tasks.output_scales``), None for none; ``frozen``: True for the parameters
     the optimizer never changes (``optim.frozen_mask``): their gradient is not computed
-    (``stop_gradient``; the ``prompts`` stage then skips every weight gradient of the
-    backbone, about a third of a full step's FLOPs), None: every gradient."""
+    (``stop_gradient``: a one-task ``prompts`` step of MiniLM, B=32, L=128, went from
+    246 to 86 G FLOPs, a full step being 285 G), None: every gradient."""
     regression = jnp.asarray(regression)
     mean, std = _scales(output_scales)
     weighting_tx = weighting_tx or weighting_optimizer(1e-2)
