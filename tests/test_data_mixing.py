@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mtop_jax.data.mixing import STRATEGIES, SourceSampler, mixing_probabilities
+from mtop_jax.data.mixing import STRATEGIES, SourceSampler, mixing_probabilities, repeat_factors
 from mtop_jax.errors import ConfigError, DataError
 
 SIZES = [100, 400, 1600]
@@ -137,3 +137,42 @@ def test_length_groups_checks():
         SourceSampler([3], 2, lengths=[np.ones(3)], length_groups=-1)
     with pytest.raises(DataError, match="token lengths"):
         SourceSampler([3], 2, length_groups=2)
+
+
+def test_repeat_factors_follow_the_sparsest_task_of_each_text():
+    # 100 texts: task 0 labels all of them, task 1 the first 4 (f = 0.04), task 2 the
+    # first 25 (f = 0.25, above the threshold: no repeats of its own).
+    labelled = np.zeros((100, 3), bool)
+    labelled[:, 0], labelled[:4, 1], labelled[:25, 2] = True, True, True
+    r = repeat_factors(labelled, 0.16)
+    np.testing.assert_allclose(r[:4], 2.0)  # sqrt(0.16 / 0.04)
+    np.testing.assert_allclose(r[4:], 1.0)
+    np.testing.assert_allclose(repeat_factors(labelled, 0.0), 1.0)
+    np.testing.assert_allclose(repeat_factors(np.zeros((3, 2), bool), 0.5), 1.0)  # no labels
+    with pytest.raises(ConfigError, match="repeat_threshold"):
+        repeat_factors(labelled, 1.5)
+
+
+def test_repeated_epochs_hold_every_text_its_factor_times_and_resume_exactly():
+    factors = np.ones(60)
+    factors[:6] = 3.0  # whole repeats: exactly 3 a epoch
+    factors[6:12] = 1.5  # 1 or 2 a epoch, 1.5 on average
+    lengths = np.arange(60) % 13
+    s = SourceSampler([60], 4, seed=2, lengths=[lengths], length_groups=2,
+                      repeat_factors=[factors])
+    epoch_rows = int(np.floor(factors).sum())  # at least, before the coin flips
+    rows = np.concatenate([s.next_rows() for _ in range(400)])  # ~19 epochs of ~84 rows
+    counts = np.bincount(rows, minlength=60) / s.epochs[0]
+    assert s.epochs[0] > 15 and len(rows) / s.epochs[0] > epoch_rows
+    np.testing.assert_allclose(counts[:6], 3.0, atol=0.25)
+    np.testing.assert_allclose(counts[6:12].mean(), 1.5, atol=0.15)
+    np.testing.assert_allclose(counts[12:], 1.0, atol=0.15)
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = [s.next_rows() for _ in range(40)]
+    r = SourceSampler([60], 4, seed=0, lengths=[lengths], length_groups=2,
+                      repeat_factors=[factors])
+    r.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(r.next_rows(), want)
+    with pytest.raises(DataError, match="repeat_factors"):
+        SourceSampler([60], 4, repeat_factors=[np.zeros(60)])

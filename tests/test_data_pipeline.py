@@ -202,3 +202,23 @@ def test_length_groups_shorten_the_padded_batches(demo, tok):
     bad.length_groups = -2
     with pytest.raises(ConfigError, match="data.length_groups"):
         build_dataset(bad, tok, "train")
+
+
+def test_repeat_threshold_repeats_the_sparse_tasks_texts(demo, tok):
+    """``data.repeat_threshold`` reaches the sampler: in 8,000 draws the demo's sparsest
+    task (``interface``, 5% of the texts) is drawn about sqrt(0.2 / 0.05) = 2 times as
+    often as its share; the dense ``section`` keeps nearly its share."""
+    cfg, _ = demo
+    repeated_cfg = cfg.copy_and_resolve_references()
+    repeated_cfg.repeat_threshold = 0.2
+    repeated = build_dataset(repeated_cfg, tok, "train")
+    j = [t.name for t in repeated.tasks].index("interface")
+    it = repeated.train_iterator(seed=1, process_index=0, process_count=1)
+    rows = np.concatenate([next(it)["index"] for _ in range(1000)])
+    labelled = ~np.isnan(repeated.examples.labels)
+    share = labelled[:, j].mean()
+    assert 1.6 * share < labelled[rows, j].mean() < 2.4 * share
+    bad = cfg.copy_and_resolve_references()
+    bad.repeat_threshold = 2.0
+    with pytest.raises(ConfigError, match="data.repeat_threshold"):
+        build_dataset(bad, tok, "train")

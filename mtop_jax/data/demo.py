@@ -48,6 +48,9 @@ def debian_packages_config(path: str | Path | None = None) -> ml_collections.Con
     # >0: training batches drawn from groups of this many batches sorted by length, so
     # they pad to short buckets (mtop_jax.data.mixing.group_by_length); 0: plain shuffle.
     data.length_groups = 0
+    # >0: an epoch repeats the texts of tasks labelled on fewer than this fraction of the
+    # texts, sqrt(threshold / fraction) times (mtop_jax.data.mixing.repeat_factors); 0: off.
+    data.repeat_threshold = 0.0
     data.mixing = "proportional"
     data.temperature = 2.0
     data.seed = 0

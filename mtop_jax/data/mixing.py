@@ -16,8 +16,14 @@ token lengths) that permutation is cut into chunks of k batches, each chunk
 sorted by length and its batches put back in random order (Hugging Face's
 ``group_by_length``): a batch pads to the bucket of texts of like length, not
 to the longest of a random 32, and its texts are still drawn at random.
-Everything is a function of the seed, the step and each source's (epoch,
-cursor): ``state_dict()`` holds exactly that (plus the loss ratios), so a
+With ``repeat_threshold=t`` > 0 an epoch repeats the texts of sparsely labelled
+tasks (LVIS's repeat factor sampling, Gupta et al. 2019, with tasks as its
+categories): a task labelled on a fraction f of the source's texts gets the factor
+r = max(1, sqrt(t / f)), a text the largest factor of the tasks it is labelled for,
+and each epoch holds a text floor(r) times plus once more with probability r -
+floor(r). A task labelled on 1% of the texts is seen sqrt(t / 0.01) times an epoch,
+and the dense tasks lose no text. Everything is a function of the seed, the step and
+each source's (epoch, cursor): ``state_dict()`` holds exactly that (plus the loss ratios), so a
 restored sampler yields the very next batch.
 """
 
@@ -62,7 +68,8 @@ class SourceSampler:
     def __init__(self, sizes: Sequence[int], batch_size: int, *, strategy: str = "proportional",
                  temperature: float = 2.0, seed: int = 0,
                  source_tasks: Sequence[Sequence[str]] | None = None,
-                 lengths: Sequence[np.ndarray] | None = None, length_groups: int = 0):
+                 lengths: Sequence[np.ndarray] | None = None, length_groups: int = 0,
+                 repeat_factors: Sequence[np.ndarray] | None = None):
         self.sizes = [int(n) for n in sizes]
         if not self.sizes or min(self.sizes) < 1:
             raise DataError(f"every source needs at least one example, sizes {self.sizes}")
@@ -76,6 +83,12 @@ class SourceSampler:
             raise DataError("length_groups needs every source's token lengths")
         self.length_groups = length_groups
         self.lengths = [np.asarray(x) for x in lengths] if length_groups else None
+        if repeat_factors is not None and (
+                [len(x) for x in repeat_factors] != self.sizes
+                or not all(np.all(np.asarray(x) >= 1) for x in repeat_factors)):
+            raise DataError("repeat_factors: one factor >= 1 per example of every source")
+        self.repeat_factors = ([np.asarray(x, np.float64) for x in repeat_factors]
+                               if repeat_factors is not None else None)
         self.strategy = strategy
         self.temperature = temperature
         self.source_tasks = [list(t) for t in (source_tasks or [[] for _ in self.sizes])]
@@ -132,7 +145,7 @@ class SourceSampler:
             out.append(got)
             k -= len(got)
             self.cursors[s] += len(got)
-            if self.cursors[s] == self.sizes[s]:
+            if self.cursors[s] == len(perm):
                 self.epochs[s] += 1
                 self.cursors[s] = 0
         return np.concatenate(out)
@@ -142,6 +155,11 @@ class SourceSampler:
         if cached is None or cached[0] != self.epochs[s]:
             rng = np.random.default_rng([self.seed, 1, s, self.epochs[s]])
             perm = rng.permutation(self.sizes[s])
+            if self.repeat_factors is not None:
+                r = self.repeat_factors[s][perm]
+                perm = np.repeat(perm, np.floor(r).astype(np.int64)
+                                 + (rng.random(len(r)) < r - np.floor(r)))
+                perm = perm[rng.permutation(len(perm))]
             if self.length_groups:
                 perm = group_by_length(perm, self.lengths[s],
                                        self.batch_size * self.length_groups, self.batch_size, rng)
@@ -172,12 +190,37 @@ class SourceSampler:
             ratios = {str(k): float(v) for k, v in dict(state.get("ratios", {})).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"not a data iterator state ({type(e).__name__}: {e})") from None
-        if len(epochs) != len(sizes) or len(cursors) != len(sizes) or not all(
-                0 <= c < n for c, n in zip(cursors, sizes, strict=True)):
+        if len(epochs) != len(sizes) or len(cursors) != len(sizes) or min(cursors) < 0:
             raise DataError(f"data iterator state: bad epochs {epochs} or cursors {cursors}")
         self.seed, self.step, self.epochs, self.cursors = seed, step, epochs, cursors
         self.start_losses, self.ratios = start, ratios
         self._perms.clear()
+        for s, c in enumerate(cursors):  # an epoch with repeats is longer than its source
+            if c >= len(self._perm(s)):
+                raise DataError(f"data iterator state: cursor {c} past the end of source {s}'s "
+                                f"epoch {epochs[s]} ({len(self._perm(s))} rows): saved with "
+                                "other data.repeat_threshold or data")
+
+
+def repeat_factors(labelled: np.ndarray, threshold: float) -> np.ndarray:
+    """float64 [n]: each text's repeat factor from bool ``labelled`` [n, num_tasks] (which
+    tasks label it): the largest max(1, sqrt(threshold / f_task)) of its tasks, f_task the
+    fraction of the n texts the task labels; 1 for every text when ``threshold`` is 0."""
+    check_repeat_threshold(threshold)
+    labelled = np.asarray(labelled, bool)
+    out = np.ones(len(labelled))
+    if not threshold or not len(labelled):
+        return out
+    fraction = labelled.mean(0)
+    per_task = np.sqrt(threshold / np.maximum(fraction, 1e-12))
+    return np.maximum(out, np.where(labelled, per_task, 1.0).max(1, initial=1.0))
+
+
+def check_repeat_threshold(value: Any) -> None:
+    """``data.repeat_threshold`` is a fraction in [0, 1] (0: off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"data.repeat_threshold: expected a fraction of the texts in [0, 1] "
+                          f"(0: off), got {value!r}")
 
 
 def check_length_groups(value: Any) -> None:

@@ -27,7 +27,9 @@ Data config keys (``ml_collections.ConfigDict`` or dict):
   (``batch_size``), ``buckets`` (None: pad to ``max_length``), ``mixing``
   (``proportional``, ``temperature``, ``uniform``, ``dynamic``), ``length_groups``
   (0: off; k: training batches drawn from chunks of k batches sorted by length, so
-  they pad to short buckets: ``mixing.group_by_length``),
+  they pad to short buckets: ``mixing.group_by_length``), ``repeat_threshold``
+  (0: off; t: an epoch repeats the texts of tasks labelled on fewer than a fraction t
+  of a source's texts, sqrt(t / f) times: ``mixing.repeat_factors``),
   ``temperature`` (2.0), ``seed`` (0), ``cache`` (True), ``cache_dir``
   (``""``: ``$MTOP_JAX_CACHE/tokens`` or ``~/.cache/mtop_jax/tokens``),
   ``max_examples`` (None: all; else the first n of every source, for smoke runs),
@@ -49,7 +51,12 @@ import numpy as np
 from mtop_jax.data import batching
 from mtop_jax.data.examples import ExampleSet
 from mtop_jax.data.local_files import load_local, split_file
-from mtop_jax.data.mixing import SourceSampler, check_length_groups
+from mtop_jax.data.mixing import (
+    SourceSampler,
+    check_length_groups,
+    check_repeat_threshold,
+    repeat_factors,
+)
 from mtop_jax.data.tasks import TaskSpec, merge_task_specs
 from mtop_jax.data.tokenization import Encoded, default_cache_dir, tokenize
 from mtop_jax.errors import ConfigError, DataError
@@ -58,12 +65,14 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "source": "jsonl", "max_length": 128, "batch_size": 32, "eval_batch_size": None,
-    "buckets": None, "length_groups": 0, "mixing": "proportional", "temperature": 2.0,
+    "buckets": None, "length_groups": 0, "repeat_threshold": 0.0, "mixing": "proportional",
+    "temperature": 2.0,
     "seed": 0, "cache": True, "cache_dir": "", "max_examples": None, "unknown_labels": "error",
 }
 UNKNOWN_LABELS = ("error", "ignore")
 SOURCES = ("jsonl", "csv", "tfds")
-_SHARED = ("max_length", "batch_size", "eval_batch_size", "buckets", "length_groups", "mixing",
+_SHARED = ("max_length", "batch_size", "eval_batch_size", "buckets", "length_groups",
+           "repeat_threshold", "mixing",
            "temperature", "seed", "cache", "cache_dir", "unknown_labels")
 
 
@@ -144,7 +153,8 @@ def build_dataset(config: Any, tokenizer: Any, split: str, *,
         source_tasks=tuple(tuple(t for t, c in s.label_counts().items() if c) for s in sets),
         batch_size=cfg["batch_size"], eval_batch_size=cfg["eval_batch_size"] or cfg["batch_size"],
         buckets=batching.resolve_buckets(max_length, cfg["buckets"]),
-        length_groups=cfg["length_groups"], mixing=cfg["mixing"],
+        length_groups=cfg["length_groups"], repeat_threshold=float(cfg["repeat_threshold"]),
+        mixing=cfg["mixing"],
         temperature=float(cfg["temperature"]), seed=cfg["seed"])
     log.info("%s", dataset.summary())
     return dataset
@@ -165,6 +175,7 @@ class Dataset:
     eval_batch_size: int = 32
     buckets: tuple[int, ...] = (128,)
     length_groups: int = 0
+    repeat_threshold: float = 0.0
     mixing: str = "proportional"
     temperature: float = 2.0
     seed: int = 0
@@ -188,12 +199,20 @@ class Dataset:
                                 temperature=self.temperature,
                                 seed=self.seed if seed is None else seed,
                                 source_tasks=self.source_tasks,
-                                lengths=self._source_lengths(), length_groups=self.length_groups)
+                                lengths=self._source_lengths(), length_groups=self.length_groups,
+                                repeat_factors=self._source_repeat_factors())
         return TrainIterator(self, sampler, process_index, process_count)
 
     def _source_lengths(self) -> list[np.ndarray]:
         ends = np.cumsum(self.source_sizes)
         return np.split(self.encoded.lengths, ends[:-1])
+
+    def _source_repeat_factors(self) -> list[np.ndarray] | None:
+        if not self.repeat_threshold:
+            return None
+        ends = np.cumsum(self.source_sizes)
+        labelled = ~np.isnan(self.examples.labels)
+        return [repeat_factors(x, self.repeat_threshold) for x in np.split(labelled, ends[:-1])]
 
     def eval_batches(self, *, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -282,6 +301,7 @@ def _config(config: Any) -> dict[str, Any]:
         raise ConfigError(f"data config: expected a mapping, got {type(cfg).__name__}")
     cfg = {**DEFAULTS, **cfg}
     check_length_groups(cfg["length_groups"])  # before any file is read
+    check_repeat_threshold(cfg["repeat_threshold"])
     if cfg["unknown_labels"] not in UNKNOWN_LABELS:
         raise ConfigError(f"data.unknown_labels: expected one of {UNKNOWN_LABELS}, "
                           f"got {cfg['unknown_labels']!r}")
