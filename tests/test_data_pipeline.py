@@ -218,6 +218,8 @@ def test_repeat_threshold_repeats_the_sparse_tasks_texts(demo, tok):
     labelled = ~np.isnan(repeated.examples.labels)
     share = labelled[:, j].mean()
     assert 1.6 * share < labelled[rows, j].mean() < 2.4 * share
+    dense = [t.name for t in repeated.tasks].index("section")
+    assert labelled[rows, dense].mean() > labelled[:, dense].mean() - 0.03
     bad = cfg.copy_and_resolve_references()
     bad.repeat_threshold = 2.0
     with pytest.raises(ConfigError, match="data.repeat_threshold"):

@@ -21,8 +21,9 @@ tasks (LVIS's repeat factor sampling, Gupta et al. 2019, with tasks as its
 categories): a task labelled on a fraction f of the source's texts gets the factor
 r = max(1, sqrt(t / f)), a text the largest factor of the tasks it is labelled for,
 and each epoch holds a text floor(r) times plus once more with probability r -
-floor(r). A task labelled on 1% of the texts is seen sqrt(t / 0.01) times an epoch,
-and the dense tasks lose no text. Everything is a function of the seed, the step and
+floor(r). A task labelled on 1% of the texts is seen sqrt(t / 0.01) times an epoch;
+the epoch grows, so at a fixed number of steps the dense tasks see fewer distinct
+texts. Everything is a function of the seed, the step and
 each source's (epoch, cursor): ``state_dict()`` holds exactly that (plus the loss ratios), so a
 restored sampler yields the very next batch.
 """
@@ -208,12 +209,10 @@ def repeat_factors(labelled: np.ndarray, threshold: float) -> np.ndarray:
     fraction of the n texts the task labels; 1 for every text when ``threshold`` is 0."""
     check_repeat_threshold(threshold)
     labelled = np.asarray(labelled, bool)
-    out = np.ones(len(labelled))
     if not threshold or not len(labelled):
-        return out
-    fraction = labelled.mean(0)
-    per_task = np.sqrt(threshold / np.maximum(fraction, 1e-12))
-    return np.maximum(out, np.where(labelled, per_task, 1.0).max(1, initial=1.0))
+        return np.ones(len(labelled))
+    per_task = np.sqrt(threshold / np.maximum(labelled.mean(0), 1e-12))
+    return np.where(labelled, per_task, 1.0).max(1, initial=1.0)
 
 
 def check_repeat_threshold(value: Any) -> None:

@@ -203,16 +203,17 @@ class Dataset:
                                 repeat_factors=self._source_repeat_factors())
         return TrainIterator(self, sampler, process_index, process_count)
 
+    def _per_source(self, rows: np.ndarray) -> list[np.ndarray]:
+        return np.split(rows, np.cumsum(self.source_sizes)[:-1])
+
     def _source_lengths(self) -> list[np.ndarray]:
-        ends = np.cumsum(self.source_sizes)
-        return np.split(self.encoded.lengths, ends[:-1])
+        return self._per_source(self.encoded.lengths)
 
     def _source_repeat_factors(self) -> list[np.ndarray] | None:
         if not self.repeat_threshold:
             return None
-        ends = np.cumsum(self.source_sizes)
         labelled = ~np.isnan(self.examples.labels)
-        return [repeat_factors(x, self.repeat_threshold) for x in np.split(labelled, ends[:-1])]
+        return [repeat_factors(x, self.repeat_threshold) for x in self._per_source(labelled)]
 
     def eval_batches(self, *, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
