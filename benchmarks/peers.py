@@ -27,9 +27,11 @@ Timing: every variant is built, compiled and called ``--warmup`` times first (co
 excluded); then ``--rounds`` rounds, each timing every variant once (``--calls`` calls,
 their median; the order rotates from round to round), so that a change in the
 machine's load hits every variant alike. torch uses ``--threads`` threads (default:
-every core), XLA its own pool over every core. Throughput is sequences (texts) answered
-for all N tasks per second. The ratios are paired: one per round, from the same
-round's figures; the reported value is their median.
+every core), XLA its own pool over every core; the JAX variants split each batch's rows
+over ``--cpu-devices`` XLA CPU devices (default: one per core, as many as divide B; see
+``mtop_jax.parallel.host_cpu``; 1: one device, as before 2026-12-04). Throughput is
+sequences (texts) answered for all N tasks per second. The ratios are paired: one per
+round, from the same round's figures; the reported value is their median.
 
 Output: a Markdown table (sequences/s per round, median, spread), the ratios with
 PASS/MISS against the issue's targets, ``peers.json`` (every time, the versions of
@@ -74,6 +76,7 @@ from benchmarks.common import (
     with_new_task_variables,
     write_json,
 )
+from mtop_jax.parallel.host_cpu import default_host_cpu_devices, use_host_cpu_devices
 
 FORWARD = ("torch-shared", "peft-prefix", "jax-shared", "mtop", "jax-prefix")
 END_TO_END = ("mtop-predict", "hf-pipelines")
@@ -134,6 +137,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls of each variant first (default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads (default: every core, %(default)s here)")
+    p.add_argument("--cpu-devices", type=int,
+                   help="XLA CPU devices the JAX variants split each batch over (default: "
+                        "the most, one per core, that divide --batch; 1: one device)")
     p.add_argument("--model", default="all-MiniLM-L6-v2",
                    help="the pretrained encoder all variants start from (default: the "
                         "offline MiniLM-L6)")
@@ -165,20 +171,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--warmup must be >= 0")
     if args.predict_length is None:
         args.predict_length = args.length
+    if args.cpu_devices is None:
+        args.cpu_devices = default_host_cpu_devices(args.batch)
+    if args.cpu_devices < 1 or args.batch % args.cpu_devices:
+        p.error(f"--cpu-devices {args.cpu_devices}: must be >= 1 and divide --batch "
+                f"{args.batch}")
     return args
 
 
 # ---------------------------------------------------------------------------- JAX variants
 
 
-def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) -> list[Variant]:
+def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
+                 devices: Sequence[jax.Device]) -> list[Variant]:
     """``jax-shared``, ``mtop`` and ``jax-prefix`` per N, from the pretrained weights,
     compiled ahead of time (so that compile never lands in a timed call)."""
     from mtop_jax.models.multitask import ModelConfig, MultiTaskModel, load_backbone
     from mtop_jax.models.pretrained import pretrained_params
 
     enc, params = pretrained_params(args.model)
-    ids, mask = jax.device_put(ids), jax.device_put(mask)  # on the device once, as torch's
+    # On the devices once, as torch's; the rows split over every CPU device, the weights
+    # on each (mtop_jax.parallel.host_cpu).
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    by_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ids, mask = jax.device_put(ids, by_rows), jax.device_put(mask, by_rows)
 
     def compiled_state(mode: str, n: int):
         tasks = [(f"task{t}", NUM_CLASSES) for t in range(n)]
@@ -187,6 +204,7 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) ->
         load_backbone(model, params)
         model.eval()
         graphdef, state = nnx.split(model)
+        state = jax.device_put(state, whole)
         fn = jax.jit(lambda st, i, m: nnx.merge(graphdef, st).logits(i, m))
         return fn.lower(state, ids, mask).compile(), state
 
@@ -200,7 +218,8 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray) ->
             if name == "jax-prefix":
                 program, base = prefix_one
                 # one base encoder, N prefixes and heads: N calls of the one-task program
-                states = [base, *(with_new_task_variables(base, t) for t in range(1, n))]
+                states = [base, *(jax.device_put(with_new_task_variables(base, t), whole)
+                                  for t in range(1, n))]
                 call = (lambda program=program, states=states:
                         [program(st, ids, mask) for st in states])
                 out.append(Variant(name, n, args.batch, n, call,
@@ -345,14 +364,14 @@ def build_random_model(args: argparse.Namespace, out: Path) -> Path:
     return save_model_dir(predictor, out)
 
 
-def end_to_end_variants(args: argparse.Namespace, scratch: Path
-                        ) -> tuple[list[Variant], dict[str, Any]]:
+def end_to_end_variants(args: argparse.Namespace, scratch: Path,
+                        devices: Sequence[jax.Device]) -> tuple[list[Variant], dict[str, Any]]:
     """``mtop-predict`` and ``hf-pipelines`` over the same texts, and what they ran on."""
     import mtop_jax
 
     texts = demo_texts(args.predict_texts)
     path = args.predict_model or build_random_model(args, scratch / "model")
-    predictor = mtop_jax.load(path, batch_size=args.batch)
+    predictor = mtop_jax.load(path, batch_size=args.batch, devices=devices)
     n = len(predictor.task_names)
     info = {"model": str(args.predict_model) if args.predict_model else
             "built: mtop, random prompts and heads on the pretrained encoder",
@@ -465,7 +484,8 @@ def report(rows: Sequence[dict[str, Any]], found: Sequence[dict[str, Any]],
     """The Markdown table of every variant, then the ratios with PASS/MISS."""
     rounds = max((len(r["seq_per_s_rounds"]) for r in rows), default=0)
     lines = [f"# Peers: {env.get('cpu_model')} ({env.get('host_cpus')} CPUs), fp32, "
-             f"L={args.length}, B={args.batch}, P={args.prompts}", "",
+             f"L={args.length}, B={args.batch}, P={args.prompts}; JAX over "
+             f"{args.cpu_devices} CPU device(s), rows split over them", "",
              "jax {jax_version}, torch {torch_version}, transformers {transformers_version}, "
              "peft {peft_version}; torch threads {torch_threads}.".format(
                  **{k: env.get(k, "-") for k in ("jax_version", "torch_version",
@@ -591,6 +611,8 @@ def busy_note(rows: Sequence[dict[str, Any]], env: dict[str, Any]) -> str | None
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Before anything starts JAX's backend; the JAX variants run on these devices.
+    devices = use_host_cpu_devices(args.cpu_devices)
     env = {**environment(argv if argv is not None else sys.argv[1:]), **versions(args),
            "load_average_start": load_average()}
     from mtop_jax.models.pretrained import load_config, resolve_model_dir
@@ -605,9 +627,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="peers-") as scratch:
         if any(v in TORCH_VARIANTS[:2] for v in args.variants):
             variants += torch_variants(args, ids, mask)
-        variants += jax_variants(args, ids, mask)
+        variants += jax_variants(args, ids, mask, devices)
         if any(v in END_TO_END for v in args.variants):
-            e2e, predict_info = end_to_end_variants(args, Path(scratch))
+            e2e, predict_info = end_to_end_variants(args, Path(scratch), devices)
             variants += e2e
         order = {v: i for i, v in enumerate(VARIANTS)}
         variants.sort(key=lambda v: (v.name in END_TO_END, v.tasks, order[v.name]))

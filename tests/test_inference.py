@@ -315,6 +315,22 @@ def test_predictions_of_a_regression_task_are_in_its_target_units():
     assert [o["kind"]["label"] for o in out] == ["b", "a"]
 
 
+def assert_same_answers(got, want, atol: float = 1e-5):
+    """Equal JSON answers, scores to ``atol`` (another device split sums in another order)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys()
+        for k in want:
+            assert_same_answers(got[k], want[k], atol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same_answers(g, w, atol)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=atol)
+    else:
+        assert got == want
+
+
 def test_cli_predict_reads_stdin_writes_stdout_passes_ids_and_prints_no_warnings(
         workdir, predictor, tmp_path, capsys, caplog, monkeypatch):
     """``... | mtop-jax predict --model M | jq``: a text a line in, a JSON line out, the
@@ -333,6 +349,13 @@ def test_cli_predict_reads_stdin_writes_stdout_passes_ids_and_prints_no_warnings
     assert lines == [{"text": t, "predictions": p} for t, p in
                      zip(texts, predictor.predict(texts, tasks=tasks, top_k=2), strict=True)]
     assert [r.getMessage() for r in caplog.records] == [] and "WARNING" not in err
+    # --cpu-devices 2: each batch's rows split over two CPU devices, the same answers.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(
+        "\n".join(texts).encode()), encoding="utf-8"))
+    assert main(["predict", "--model", str(workdir), "--top-k", "2", "--cpu-devices", "2",
+                 *args]) == 0
+    split = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert_same_answers(split, lines)
 
     records = tmp_path / "in.jsonl"
     uids = [7, "u1", 2.5, True, "u4"]  # passed through as they are

@@ -521,7 +521,8 @@ def test_several_devices_split_each_batch_by_rows_and_answer_as_one(
 
 
 def test_server_on_two_devices_answers_as_one(model_dir, expected):
-    srv = Server(model_dir, *SERVE, "--devices", "2", cpu_devices=2)
+    # --cpu-devices sets the CPU's device count itself (the child starts with one).
+    srv = Server(model_dir, *SERVE, "--cpu-devices", "2")
     try:
         srv.wait_ready()
         ready = httpx.get(srv.url + "/readyz").json()
