@@ -69,13 +69,14 @@ def expected(predictor):
 
 
 class Server:
-    """``mtop-jax serve`` in a child process (one CPU device); its stderr is collected."""
+    """``mtop-jax serve`` in a child process (one CPU device unless its flags say
+    ``--cpu-devices``); its stderr is collected."""
 
-    def __init__(self, model_dir, *flags: str, cpu_devices: int = 1, **env_vars: str):
+    def __init__(self, model_dir, *flags: str, **env_vars: str):
         from fault_helpers import child_env
 
         env = {**child_env(), **env_vars}
-        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={cpu_devices}"
+        env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mtop_jax.cli", "serve", str(model_dir), "--port", "0",
              *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -6,8 +6,8 @@ operations spread over the thread pool (benchmarks/README.md, "Profile of the CP
 forward"). Exposing the host as ``n`` devices (``--xla_force_host_platform_device_count``)
 and splitting each batch's rows over them runs ``n`` chains side by side: +10-19% of
 sequences/s for MiniLM inference on a 2-core CPU (benchmarks/README.md, "The CPU as two
-devices"). Training gains nothing from it (its
-backward products already fill the pool), so ``mtop-jax train`` leaves it alone.
+devices"). Training gains nothing from it (its backward products already fill the
+pool), so ``mtop-jax train`` leaves it alone.
 
 The flag is read once, when JAX starts its CPU backend: :func:`use_host_cpu_devices`
 must run before anything asks for a device.
