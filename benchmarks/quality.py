@@ -14,7 +14,10 @@ same training texts, its C / alpha chosen on the validation split. Prints Markdo
 tables (accuracy and macro-F1 per task, R^2 and Spearman for regression; mean and
 spread over seeds), the targets of issue 15 for every recipe's ``mtop`` as
 ``TARGET ... PASS|MISS`` lines (``target_checks``), and writes ``quality.json`` and
-``quality.png``.
+``quality.png``. For every ``mtop`` run it also measures how far apart the tasks'
+prompt states are after each layer on the first 64 validation texts
+(``mtop_jax.models.task_spread``: 0 means every task reads the same vector, i.e. the
+run is ``shared`` with N heads), printed, stored and drawn in ``task_spread.png``.
 
 A recipe is a name and config overrides: ``--recipe lr1e-4:optim.learning_rate=1e-4``
 (repeatable; overrides joined by ``;``). Without one, the config as it is. Overrides
@@ -178,6 +181,36 @@ def subsample_train(config, n: int | None, out: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(lines[i] + "\n" for i in keep))
     return path
+
+
+#: Validation texts the task spread of an mtop run is measured on.
+SPREAD_TEXTS = 64
+
+
+def run_task_spread(workdir: Path, texts: Sequence[str]) -> dict[str, Any]:
+    """The task spread (per layer, and of the pooled h_t) of the model in ``workdir``."""
+    from flax import nnx
+
+    from mtop_jax.models.task_spread import task_spread
+    from mtop_jax.serving.predictor import load
+
+    predictor = load(workdir, batch_size=len(texts))
+    batch = predictor.tokenize(texts)
+    model = nnx.merge(predictor.graphdef, predictor.params, predictor.rest)
+    return task_spread(model, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"])
+
+
+def format_spreads(results: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{r['recipe']}/mtop/{r['seed']}: after layers "
+             + " ".join(f"{x:.2g}" for x in r["task_spread"]["layers"])
+             + f"; pooled h_t {r['task_spread']['features']:.2g}"
+             for r in results if r.get("task_spread")]
+    if not lines:
+        return ""
+    return (f"Task spread of mtop's prompt states (std across tasks / std across texts, "
+            f"{SPREAD_TEXTS} validation texts; 0: every task reads the same vector):\n"
+            + "\n".join(lines))
 
 
 def split_examples(config, split: str, tasks=None):
@@ -381,6 +414,21 @@ def plot(tasks, results, reference, path: Path, split: str = "test") -> None:
     save_figure(fig, path)
 
 
+def plot_spreads(results: Sequence[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.get("task_spread"):
+            layers = r["task_spread"]["layers"]
+            ax.semilogy(range(1, len(layers) + 1), layers, marker="o",
+                        label=f"{r['recipe']}/mtop/{r['seed']}")
+    ax.set_xlabel("after layer")
+    ax.set_ylabel("std across tasks / std across texts")
+    ax.set_title("How far apart the tasks' prompt states are")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -399,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = {run: run_config(args, run, train_file) for run in runs}
     firsts = {run: run_config(args, run, train_file, first=True) for run in runs if run.first}
     tasks, _ = split_examples(configs[runs[0]], "train")
+    spread_texts = list(split_examples(configs[runs[0]], "validation", tasks)[1]
+                        .texts[:SPREAD_TEXTS])
 
     results = []
     for run in tqdm(runs, desc="quality runs", dynamic_ncols=True):
@@ -416,11 +466,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         wall_s = time.perf_counter() - t0
         if trained is None:
             write_json(timing, {"wall_s": wall_s})
+        spread = (run_task_spread(args.out / "runs" / run.name, spread_texts)
+                  if run.mode == "mtop" and len(tasks) > 1 else None)
         results.append({"recipe": run.recipe, "overrides": list(run.overrides),
                         "first": list(run.first), "mode": run.mode, "seed": run.seed,
                         "wall_s": trained["wall_s"] if trained else wall_s,
                         "steps": int(configs[run].train.steps), "test": test,
-                        "validation": valid})
+                        "validation": valid, "task_spread": spread})
     references = None if args.no_reference else tfidf_reference(configs[runs[0]])
     reference = references[args.split] if references else None
 
@@ -434,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     checks = target_checks(tasks, results, reference, args.split)
     if checks:
         text += "\n\n" + format_checks(checks)
+    if spreads := format_spreads(results):
+        text += "\n\n" + spreads
     print(text)
     out = {**environment(argv), "config": args.config, "data": args.data,
            "max_train": args.max_train, "tasks": [t.name for t in tasks],
@@ -442,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
         plot(tasks, results, reference, args.out / "quality.png", args.split)
+        if any(r["task_spread"] for r in results):
+            plot_spreads(results, args.out / "task_spread.png")
     return out
 
 

@@ -144,6 +144,11 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     # the training wall time is kept beside the run: a later call re-evaluates, reports it
     wall = json.loads((tmp_path / "runs" / "config-mtop-seed0.wall.json").read_text())
     assert wall["wall_s"] == run["wall_s"] > 0
+    # how far apart the tasks' prompt states are, after each of the tiny encoder's layers
+    layers = run["task_spread"]["layers"]
+    assert len(layers) == 2 and all(0 < x < float("inf") for x in layers)
+    assert "Task spread of mtop's prompt states" in out
+    assert (tmp_path / "task_spread.png").stat().st_size > 10_000
 
 
 def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():

@@ -60,9 +60,13 @@ def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
 
 
 def run_fast(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
-             attention_mask: jax.Array, token_type_ids: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array]:
-    """(input states [B, L, H], prompt states [B, N, P, H]) after the encoder."""
+             attention_mask: jax.Array, token_type_ids: jax.Array | None = None, *,
+             trace: list[jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(input states [B, L, H], prompt states [B, N, P, H]) after the encoder.
+
+    ``trace``: if a list, the prompt states after every layer are appended to it
+    (``mtop_jax.models.task_spread`` reads how the tasks differ there).
+    """
     x = encoder.embeddings(input_ids, token_type_ids)
     p = prompts.initial_states(encoder.embeddings, x.shape[0]).astype(x.dtype)
     pos_x = token_positions(input_ids)
@@ -83,6 +87,8 @@ def run_fast(encoder: Encoder, prompts: TaskPrompts, input_ids: jax.Array,
         # reads the layer's input x, not its output
         p = _prompt_layer(layer, ctx, p, pos_p, pos_x, k_x, v_x, *prompt_biases[layer.window])
         x = layer.finish(x, layer.attend(q_x, k_x, v_x, biases[layer.window], pos_x, ctx))
+        if trace is not None:
+            trace.append(p)
     return encoder.final(x), encoder.final(p)
 
 
