@@ -414,14 +414,12 @@ def plot(tasks, results, reference, path: Path, split: str = "test") -> None:
     save_figure(fig, path)
 
 
-def plot_spreads(results: Sequence[dict[str, Any]], path: Path) -> None:
+def plot_spreads(series: dict[str, Sequence[float]], path: Path) -> None:
+    """One line per model: its task spread after each layer, log scale."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        if r.get("task_spread"):
-            layers = r["task_spread"]["layers"]
-            ax.semilogy(range(1, len(layers) + 1), layers, marker="o",
-                        label=f"{r['recipe']}/mtop/{r['seed']}")
+    for label, layers in series.items():
+        ax.semilogy(range(1, len(layers) + 1), layers, marker="o", label=label)
     ax.set_xlabel("after layer")
     ax.set_ylabel("std across tasks / std across texts")
     ax.set_title("How far apart the tasks' prompt states are")
@@ -496,8 +494,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
         plot(tasks, results, reference, args.out / "quality.png", args.split)
-        if any(r["task_spread"] for r in results):
-            plot_spreads(results, args.out / "task_spread.png")
+        if spreads:
+            plot_spreads({f"{r['recipe']}/mtop/{r['seed']}": r["task_spread"]["layers"]
+                          for r in results if r["task_spread"]}, args.out / "task_spread.png")
     return out
 
 

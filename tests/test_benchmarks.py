@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import forward_passes, peers, quality, train_step  # noqa: E402
+from benchmarks import forward_passes, peers, quality, task_spread, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,15 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     assert len(layers) == 2 and all(0 < x < float("inf") for x in layers)
     assert "Task spread of mtop's prompt states" in out
     assert (tmp_path / "task_spread.png").stat().st_size > 10_000
+    # the script, on the same run
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["a tool for the shell", "a library for images",
+                                 "fonts for the desktop"]) + "\n")
+    alone = task_spread.main([str(tmp_path / "runs" / "config-mtop-seed0"), "--texts",
+                              str(texts), "--out", str(tmp_path / "spread")])
+    assert len(alone["spreads"][str(tmp_path / "runs" / "config-mtop-seed0")]["layers"]) == 2
+    assert "| model" in capsys.readouterr().out
+    assert (tmp_path / "spread" / "task_spread.png").stat().st_size > 10_000
 
 
 def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
