@@ -23,10 +23,10 @@ Those `mtop` runs were `shared` in disguise: MiniLM's upper layers erased the
 input-depth prompts (the tasks' states after layer 6 differed by 3e-5 of the texts'),
 so the two rows differ by seed noise only. With deep prompts (this config), on
 ``debian-packages-dev`` (8,000 texts, 500 steps, 3 seeds, test): `mtop` 0.857 +- 0.005,
-`shared` 0.851 +- 0.004, TF-IDF 0.844. On this set, one seed so far (seed 0, 250
-steps): validation 0.802 (input-depth 0.800, `shared` 0.783), test 0.798 (0.801,
-0.819). Three seeds of the deep recipe here, and of ``full`` (two epochs), are not run
-yet.
+`shared` 0.851 +- 0.004, TF-IDF 0.844. On this set, two seeds so far (250 steps,
+seeds 0 and 1): validation 0.802 / 0.781 (input-depth 0.800 / 0.801, `shared` 0.783 /
+0.786), test 0.798 / 0.790 (input-depth 0.801 / 0.794, `shared` 0.819 / 0.798): no
+gain here at one epoch. The third seed, and ``full`` (two epochs), are not run yet.
 """
 
 from mtop_jax.config import base_config, parse_arg
