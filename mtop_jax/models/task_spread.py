@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -57,6 +56,5 @@ def task_spread(model: nnx.Module, input_ids: Any, attention_mask: Any,
         x, p = prompt_attention.run_fast(m.encoder, m.prompts, ids, mask, types, trace=trace)
         return trace, pool_tasks(cfg.pooler, m.encoder.pooler, m.queries, x, p, mask)
 
-    types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-    trace, features = states(state, input_ids, attention_mask, types)
+    trace, features = states(state, input_ids, attention_mask, token_type_ids)
     return {"layers": [spread(t) for t in trace], "features": spread(features)}
