@@ -320,6 +320,19 @@ def mean_accuracy(metrics: dict[str, float], tasks) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def sampling_se(metrics: dict[str, float], tasks) -> float:
+    """The standard error of ``mean_accuracy`` that comes from the split's finite texts
+    alone (binomial: sqrt(sum_t p_t (1 - p_t) / n_t) / T): what a rerun on another
+    sample of the same size would move it by, whatever the seed. A difference between
+    two rows much below it is not one the split can show (one text of a 43-text task
+    is 2.3 points of that task and 0.6 of a mean of four)."""
+    terms = [(metrics[f"{t.name}/accuracy"], metrics.get(f"{t.name}/count", 0.0))
+             for t in tasks if not t.is_regression and f"{t.name}/accuracy" in metrics]
+    if not terms or any(n <= 0 for _, n in terms):
+        return float("nan")
+    return float(np.sqrt(sum(p * (1 - p) / n for p, n in terms)) / len(terms))
+
+
 def report(tasks, results, reference, key: str = "accuracy", split: str = "test") -> str:
     cols = columns(results, split)
     headers = ["task", f"{split} n", *cols, *(["TF-IDF"] if reference else [])]
@@ -342,6 +355,12 @@ def report(tasks, results, reference, key: str = "accuracy", split: str = "test"
         if reference:
             row.append(f3(mean_accuracy(reference, tasks)))
         rows.append(row)
+        row = ["its sampling SE (split size)", ""]
+        row += [f3(float(np.mean([sampling_se(m, tasks) for m in runs])))
+                for runs in cols.values()]
+        if reference:
+            row.append(f3(sampling_se(reference, tasks)))
+        rows.append(row)
     return markdown_table(headers, rows)
 
 
@@ -354,22 +373,23 @@ def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]
     task_mean = lambda runs, key: float(np.mean([m[key] for m in runs if key in m]))
     checks = []
 
-    def check(recipe, what, got, threshold):
+    def check(recipe, what, got, threshold, se=None):
         checks.append({"recipe": recipe, "target": what, "value": got, "threshold": threshold,
-                       "pass": bool(got >= threshold)})
+                       "pass": bool(got >= threshold), "sampling_se": se})
 
     for label, runs in cols.items():
         recipe, mode = label.rsplit("/", 1)
         if mode != "mtop":
             continue
         mtop = mean_of(runs)
+        se = float(np.mean([sampling_se(m, tasks) for m in runs]))
         for other, margin, what in (("shared", 0.005, "mean acc >= shared + 0.5"),
                                     ("single", -0.005, "mean acc >= single - 0.5")):
             if f"{recipe}/{other}" in cols:
-                check(recipe, what, mtop, mean_of(cols[f"{recipe}/{other}"]) + margin)
+                check(recipe, what, mtop, mean_of(cols[f"{recipe}/{other}"]) + margin, se)
         if not reference:
             continue
-        check(recipe, "mean acc >= TF-IDF + 2", mtop, mean_accuracy(reference, tasks) + 0.02)
+        check(recipe, "mean acc >= TF-IDF + 2", mtop, mean_accuracy(reference, tasks) + 0.02, se)
         for t in tasks:
             if t.is_regression:
                 key = f"{t.name}/spearman"
@@ -386,7 +406,10 @@ def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]
 def format_checks(checks: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"TARGET {c['recipe']}/mtop {c['target']}: {c['value']:.4f} vs {c['threshold']:.4f}"
-        f" -> {'PASS' if c['pass'] else 'MISS'}" for c in checks)
+        f" -> {'PASS' if c['pass'] else 'MISS'}"
+        + (f" (the split's sampling SE of the mean: {c['sampling_se']:.4f})"
+           if c.get("sampling_se") is not None and np.isfinite(c["sampling_se"]) else "")
+        for c in checks)
 
 
 def plot(tasks, results, reference, path: Path, split: str = "test") -> None:

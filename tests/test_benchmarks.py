@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -187,6 +188,25 @@ def test_quality_target_checks_compare_seed_means_with_the_issue_thresholds():
         "size Spearman > TF-IDF ridge's": (0.68, 0.69, False)}
     assert "TARGET r/mtop big acc >= TF-IDF - 0.5: 0.8100 vs 0.8070 -> PASS" in (
         quality.format_checks(checks))
+
+
+def test_quality_sampling_se_is_the_binomial_error_of_the_mean_and_is_printed():
+    """sqrt(sum p(1-p)/n) / T over the classification tasks; a task with no count gives
+    NaN (nothing printed) rather than a made-up resolution."""
+    from mtop_jax.data.tasks import TaskSpec
+
+    tasks = (TaskSpec("big", labels=("a", "b")), TaskSpec("tiny", labels=("a", "b")),
+             TaskSpec("size", "regression"))
+    metrics = {"big/accuracy": 0.8, "big/count": 1000.0, "tiny/accuracy": 0.75,
+               "tiny/count": 40.0, "size/spearman": 0.5}
+    want = np.sqrt(0.8 * 0.2 / 1000 + 0.75 * 0.25 / 40) / 2
+    assert quality.sampling_se(metrics, tasks) == pytest.approx(want)
+    assert np.isnan(quality.sampling_se({"big/accuracy": 0.8, "tiny/accuracy": 0.7}, tasks))
+    results = [{"recipe": "r", "mode": m, "seed": 0, "test": metrics} for m in ("mtop", "shared")]
+    checks = quality.target_checks(tasks, results, None, "test")
+    assert checks[0]["sampling_se"] == pytest.approx(want)
+    assert f"sampling SE of the mean: {want:.4f}" in quality.format_checks(checks)
+    assert "its sampling SE (split size)" in quality.report(tasks, results, None)
 
 
 # ---------------------------------------------------------------------------- peers.py
