@@ -403,6 +403,28 @@ def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]
     return checks
 
 
+def paired_differences(tasks, results, split: str) -> dict[str, list[float]]:
+    """Per recipe, ``mtop``'s mean accuracy minus ``shared``'s for each seed both have:
+    the same seed means the same data order and sample, so the pairs show what the
+    spread over seeds of the two columns hides."""
+    by = {(r["recipe"], r["mode"], r["seed"]): r[split] for r in results}
+    out: dict[str, list[float]] = {}
+    for (recipe, mode, seed), metrics in sorted(by.items()):
+        if mode == "mtop" and (recipe, "shared", seed) in by:
+            out.setdefault(recipe, []).append(
+                mean_accuracy(metrics, tasks) - mean_accuracy(by[recipe, "shared", seed], tasks))
+    return out
+
+
+def format_differences(diffs: dict[str, list[float]]) -> str:
+    return "\n".join(
+        f"{recipe}: mtop - shared per seed, points: "
+        + ", ".join(f"{100 * d:+.1f}" for d in values)
+        + (f" (mean {100 * statistics.fmean(values):+.2f}"
+           + (f" ± {100 * statistics.stdev(values):.2f})" if len(values) > 1 else ")"))
+        for recipe, values in diffs.items())
+
+
 def format_checks(checks: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"TARGET {c['recipe']}/mtop {c['target']}: {c['value']:.4f} vs {c['threshold']:.4f}"
@@ -504,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     for r in results),
         report(tasks, results, reference, "accuracy", args.split),
         report(tasks, results, reference, "macro_f1", args.split)])
+    diffs = paired_differences(tasks, results, args.split)
+    if diffs:
+        text += "\n\n" + format_differences(diffs)
     checks = target_checks(tasks, results, reference, args.split)
     if checks:
         text += "\n\n" + format_checks(checks)
@@ -513,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = {**environment(argv), "config": args.config, "data": args.data,
            "max_train": args.max_train, "tasks": [t.name for t in tasks],
            "split": args.split, "results": results, "tfidf": references, "table": text,
-           "targets": checks}
+           "targets": checks, "mtop_minus_shared": diffs}
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
         plot(tasks, results, reference, args.out / "quality.png", args.split)

@@ -149,6 +149,7 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     layers = run["task_spread"]["layers"]
     assert len(layers) == 2 and all(0 < x < float("inf") for x in layers)
     assert "Task spread of mtop's prompt states" in out
+    assert result["mtop_minus_shared"] == {}  # no shared run to pair with
     assert (tmp_path / "task_spread.png").stat().st_size > 10_000
     # the script, on the same run
     texts = tmp_path / "texts.txt"
@@ -207,6 +208,19 @@ def test_quality_sampling_se_is_the_binomial_error_of_the_mean_and_is_printed():
     assert checks[0]["sampling_se"] == pytest.approx(want)
     assert f"sampling SE of the mean: {want:.4f}" in quality.format_checks(checks)
     assert "its sampling SE (split size)" in quality.report(tasks, results, None)
+
+
+def test_quality_pairs_mtop_and_shared_by_seed():
+    from mtop_jax.data.tasks import TaskSpec
+
+    tasks = (TaskSpec("a", labels=("x", "y")),)
+    results = [{"recipe": "r", "mode": m, "seed": s, "test": {"a/accuracy": acc}}
+               for m, s, acc in (("mtop", 0, 0.80), ("mtop", 1, 0.70), ("mtop", 2, 0.9),
+                                 ("shared", 0, 0.79), ("shared", 1, 0.72))]
+    diffs = quality.paired_differences(tasks, results, "test")
+    assert list(diffs) == ["r"] and diffs["r"] == pytest.approx([0.01, -0.02])  # seed 2 unpaired
+    assert quality.format_differences(diffs) == (
+        "r: mtop - shared per seed, points: +1.0, -2.0 (mean -0.50 ± 2.12)")
 
 
 # ---------------------------------------------------------------------------- peers.py
