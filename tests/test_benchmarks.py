@@ -149,7 +149,13 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     layers = run["task_spread"]["layers"]
     assert len(layers) == 2 and all(0 < x < float("inf") for x in layers)
     assert "Task spread of mtop's prompt states" in out
-    assert result["mtop_minus_shared"] == {}  # no shared run to pair with
+    assert result["mtop_minus_shared"] == {} and result["paired_test"] == {}  # no shared run
+    # the trainer's test predictions, text by text: they give its test accuracy
+    saved_preds = np.load(tmp_path / "runs" / "config-mtop-seed0" / "predictions-test.npz")
+    for t, name in enumerate(saved_preds["tasks"]):
+        if f"{name}/accuracy" in run["test"]:
+            y, p = saved_preds["labels"][:, t], saved_preds["predictions"][:, t]
+            assert np.mean(p[y >= 0] == y[y >= 0]) == pytest.approx(run["test"][f"{name}/accuracy"])
     assert (tmp_path / "task_spread.png").stat().st_size > 10_000
     # the script, on the same run
     texts = tmp_path / "texts.txt"
@@ -208,6 +214,40 @@ def test_quality_sampling_se_is_the_binomial_error_of_the_mean_and_is_printed():
     assert checks[0]["sampling_se"] == pytest.approx(want)
     assert f"sampling SE of the mean: {want:.4f}" in quality.format_checks(checks)
     assert "its sampling SE (split size)" in quality.report(tasks, results, None)
+
+
+def test_quality_paired_bootstrap_over_texts(tmp_path):
+    """Equal predictions: 0 and a [0, 0] interval; mtop right on 30 more of 200 labelled
+    texts of one task (of two): +7.5 points with an interval that excludes 0; different
+    labels: an error naming both files."""
+    from mtop_jax.data.tasks import TaskSpec
+
+    tasks = (TaskSpec("a", labels=("x", "y")), TaskSpec("b", labels=("x", "y")),
+             TaskSpec("size", "regression"))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (400, 3)).astype(np.float32)
+    labels[::2, 1] = -1  # task b: 200 labelled texts
+    labels[:, 2] = rng.normal(size=400)
+
+    def save(name, preds, lab=labels):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, predictions=preds, labels=lab, tasks=np.array(["a", "b", "size"]))
+        return path
+
+    shared = labels.copy()
+    shared[1:120:2, 1] = 1 - labels[1:120:2, 1]  # 60 of b's 200 wrong
+    mtop = shared.copy()
+    mtop[1:60:2, 1] = labels[1:60:2, 1]  # 30 of them right
+    same = quality.paired_bootstrap(tasks, [(save("m0", shared), save("s0", shared))])
+    assert same["diff"] == 0 and same["ci95"] == [0, 0]
+    got = quality.paired_bootstrap(tasks, [(save("m1", mtop), save("s1", shared))], draws=400)
+    assert got["diff"] == pytest.approx(30 / 200 / 2) and 0 < got["ci95"][0] < got["ci95"][1]
+    assert got["draws"] == 400 and got["pairs"] == 1
+    assert quality.paired_bootstrap(tasks, [(tmp_path / "none.npz", save("s2", shared))]) is None
+    other = labels.copy()
+    other[0, 0] = 1 - other[0, 0]
+    with pytest.raises(SystemExit, match="m3.npz and .*s3.npz hold different labels"):
+        quality.paired_bootstrap(tasks, [(save("m3", mtop), save("s3", shared, other))])
 
 
 def test_quality_pairs_mtop_and_shared_by_seed():

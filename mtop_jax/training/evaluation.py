@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mtop_jax.data.pipeline import Dataset, build_dataset
 from mtop_jax.errors import MtopError
-from mtop_jax.files import as_path
+from mtop_jax.files import as_path, atomic_save_npz
 from mtop_jax.models import pretrained
 from mtop_jax.models.spec import ModelSpec, abstract_model, placeholder_rest, read_model_spec
 from mtop_jax.parallel.sharding import placed, state_shardings, to_global
@@ -30,8 +30,12 @@ from mtop_jax.training.workdir import TOKENIZER_DIR, read_config
 
 
 def evaluate(eval_step, params, rest, dataset: Dataset, sharding: NamedSharding,
-             desc: str = "eval") -> tuple[dict[str, float], dict[str, float]]:
-    """(metrics {task/metric: value, score}, mean loss per task) over a whole split."""
+             desc: str = "eval", predictions_to: str | Path | None = None,
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics {task/metric: value, score}, mean loss per task) over a whole split.
+    ``predictions_to``: also an .npz of the split's ``predictions`` and ``labels``
+    ([texts, tasks]: class index or value; label -1 / NaN where a text has none) and
+    ``tasks``, for comparisons paired by text (``benchmarks/quality.py``)."""
     n_tasks = len(dataset.tasks)
     preds = np.zeros((len(dataset), n_tasks), np.float32)
     loss_sums, counts = np.zeros(n_tasks), np.zeros(n_tasks)
@@ -50,6 +54,10 @@ def evaluate(eval_step, params, rest, dataset: Dataset, sharding: NamedSharding,
         labels[spec.name] = y if spec.is_regression else np.where(np.isnan(y), -1, y)
         values[spec.name] = preds[:, t]
     metrics = task_metrics(dataset.tasks, values, labels)
+    if predictions_to is not None and jax.process_index() == 0:
+        atomic_save_npz(predictions_to, predictions=preds,
+                        labels=np.stack([labels[s.name] for s in dataset.tasks], axis=1),
+                        tasks=np.array([s.name for s in dataset.tasks]))
     mean_loss = {spec.name: float(loss_sums[t] / max(counts[t], 1))
                  for t, spec in enumerate(dataset.tasks)}
     return metrics, mean_loss

@@ -127,9 +127,9 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
 
     writer = MetricWriter(workdir)
 
-    def run_eval(dataset: Dataset, step: int, kind: str) -> dict[str, float]:
+    def run_eval(dataset: Dataset, step: int, kind: str, predictions_to=None) -> dict[str, float]:
         metrics, losses = evaluate(run.eval_step, state.params, state.rest, dataset,
-                                   run.data_sharding, desc=kind)
+                                   run.data_sharding, desc=kind, predictions_to=predictions_to)
         writer.write(step, {**metrics, **{f"{k}/loss": v for k, v in losses.items()}}, kind)
         if kind == "eval":
             train_iter.update_losses(losses)  # drives `dynamic` mixing
@@ -226,7 +226,8 @@ def _train(config, workdir, devices, stop_at, preemption: Preemption) -> dict[st
                                 run.data_sharding, desc="eval")
     results = dict(last_eval or {})
     if test_set is not None:
-        test = run_eval(test_set, step, "test")
+        # Its predictions too, text by text: comparisons of runs paired by text.
+        test = run_eval(test_set, step, "test", workdir / f"predictions-{tcfg.test_split}.npz")
         results.update({f"test/{k}": v for k, v in test.items()})
         if is_main:
             print(format_metrics(tasks, test, title=f"{tcfg.test_split} split, step {step}"))
