@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     maybe_initialize()
     from mtop_jax.training.evaluation import evaluate_workdir
 
-    evaluate_workdir(args.workdir, args.split, args.step)
+    evaluate_workdir(args.workdir, args.split, args.step, predictions_to=args.predictions)
     return 0
 
 
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="validation")
     p.add_argument("--step", type=int, default=None, help="default: the latest")
+    p.add_argument("--predictions", default=None, help="also write the split's predictions "
+                   "and labels, text by text, to this .npz")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

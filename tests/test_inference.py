@@ -47,6 +47,14 @@ def test_cli_train_prints_test_metrics_and_predictions_then_eval_reads_the_workd
     assert "== test split, step 3" in out and "predictions of all 4 tasks" in out
     assert main(["eval", "--workdir", str(workdir), "--split", "validation"]) == 0
     assert "== validation split, step 3" in capsys.readouterr().out
+    # the final test evaluation's predictions, text by text; eval writes the same ones
+    assert main(["eval", "--workdir", str(workdir), "--split", "test",
+                 "--predictions", str(tmp_path / "test.npz")]) == 0
+    trained_preds = np.load(workdir / "predictions-test.npz")
+    again = np.load(tmp_path / "test.npz")
+    for key in ("predictions", "labels", "tasks"):
+        np.testing.assert_array_equal(again[key], trained_preds[key])
+    assert again["predictions"].shape == (len(again["labels"]), 4)
     assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "not a training workdir" in capsys.readouterr().err
 

@@ -105,7 +105,8 @@ def demo_predictions(graphdef, params, rest, spec: ModelSpec, tokenizer, dataset
 
 
 def evaluate_workdir(workdir: str | Path, split: str = "validation",
-                     step: int | None = None, *, devices=None) -> dict[str, float]:
+                     step: int | None = None, *, devices=None,
+                     predictions_to: str | Path | None = None) -> dict[str, float]:
     """Evaluate a workdir's checkpoint (latest by default) on ``split``: ``mtop-jax eval``."""
     from mtop_jax.training.setup import checked_mesh
 
@@ -135,7 +136,8 @@ def evaluate_workdir(workdir: str | Path, split: str = "validation",
                               rest_shardings=rest_sh, data_sharding=data_sharding,
                               output_scales=spec.output_scales)
     dataset = build_dataset(config.data, tokenizer, split, tasks=spec.tasks)
-    metrics, _ = evaluate(eval_step, params, rest, dataset, data_sharding, desc=split)
+    metrics, _ = evaluate(eval_step, params, rest, dataset, data_sharding, desc=split,
+                          predictions_to=predictions_to)
     if jax.process_index() == 0:
         print(format_metrics(spec.tasks, metrics, title=f"{split} split, step {step}"))
     return metrics
