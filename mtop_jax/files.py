@@ -20,15 +20,15 @@ def as_path(path: str | os.PathLike) -> Path | epath.Path:
     return epath.Path(path) if is_remote(path) else Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_remote(path):  # an object store replaces an object whole
-        epath.Path(path).write_text(text)
+        epath.Path(path).write_bytes(data)
         return
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,25 +37,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
-    """``np.savez`` written whole or not at all (a temporary file, then renamed)."""
+    """``np.savez`` written whole or not at all."""
     import io
 
     import numpy as np
 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    if is_remote(path):
-        epath.Path(path).write_bytes(buffer.getvalue())
-        return
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())

@@ -281,3 +281,20 @@ def test_the_real_gcs_client_against_a_local_server(tmp_path, monkeypatch):
     events_object.flush()
     server.shutdown()
     assert GCSUploads.objects["bucket/tb/ev"] == (b"ab", 100)
+
+
+def test_atomic_files_are_written_whole_or_not_at_all(tmp_path):
+    """What the writers (and the trainer's predictions file) rely on: the destination
+    appears complete, and a failed write leaves neither it nor a temporary file."""
+    import numpy as np
+
+    from mtop_jax.files import atomic_save_npz, atomic_write_bytes, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "one\ntwo ü\n")
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "one\ntwo ü\n"
+    atomic_save_npz(tmp_path / "p.npz", predictions=np.arange(6.0).reshape(3, 2))
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npz")["predictions"],
+                                  np.arange(6.0).reshape(3, 2))
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "b.bin", "not bytes")  # fails inside the write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "p.npz"]
