@@ -27,9 +27,9 @@ the two rows differ by seed noise only. With deep prompts (this config), on
 +- 0.007 against `shared`'s 0.806 +- 0.011 (the gap is `interface`, 43 texts; section
 +0.5, role -0.2, implemented_in 0.0), validation 0.797 +- 0.015 against 0.789 +- 0.008.
 The demo's splits resolve about 2 points on a mean of four (the sampling SE
-``quality.py`` prints), so they show no direction. ``full`` (two epochs), seed 0: validation 0.818 against
-`shared`'s 0.801, test 0.803 against 0.804 (paired 95% interval over the test texts
--2.0 to +1.8 points).
+``quality.py`` prints), so they show no direction. ``full`` (two epochs), seed 0:
+validation 0.818 against `shared`'s 0.801, test 0.803 against 0.804 (paired 95% interval
+over the test texts -2.0 to +1.8 points).
 """
 
 from mtop_jax.config import base_config, parse_arg
