@@ -94,7 +94,10 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.quality import (  # noqa: E402
+    SPREAD_TEXTS,
     f3,
+    format_spreads,
+    run_task_spread,
     split_examples,
     subsample_train,
     tfidf_reference,
@@ -750,6 +753,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results.sort(key=lambda r: ([*REPRESENTATIONS, TFIDF].index(r["representation"]),
                                 MODELS.index(r["model"])))
 
+    # How far apart the source prefixes' states are (0: N copies of one vector), on the
+    # target tasks' validation texts.
+    spreads = [{"recipe": f"prefixes{args.prefix_tag}", "seed": seed,
+                "task_spread": run_task_spread(runs[f"prefixes{args.prefix_tag}-seed{seed}"]
+                                               ["workdir"], texts["validation"][:SPREAD_TEXTS])}
+               for seed in args.train_seeds if len(sources) > 1]
+
     # ------------------------------------------------------------------ update cost
     shared0 = runs[f"shared-seed{seed0}"]
     shared_flops = step_flops(shared0["config"], args.out, shared0["name"])
@@ -785,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + train_walls,
         report(tasks, results, widths),
         update_table(update)])
+    if spreads:
+        text += "\n\n" + format_spreads(spreads)
     checks = target_checks(tasks, results, update)
     if checks:
         text += "\n\n" + format_checks(checks)
@@ -798,7 +810,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            "runs": {name: {k: v for k, v in r.items() if k != "config"}
                     for name, r in runs.items()},
            "widths": widths, "embed_and_fit_s": embed_s, "results": results, "update": update,
-           "table": text, "targets_checked": checks,
+           "table": text, "targets_checked": checks, "task_spread": spreads,
            "wall_s": time.perf_counter() - t_start}
     write_json(args.out / "transfer.json", out)
     if not args.no_plot:

@@ -60,6 +60,11 @@ def test_transfer_quick(tmp_path, capsys):
     assert sum("FLOPs / retraining shared" in t for t in targets) == 1
     assert sum(t.startswith("prefixes/") for t in targets) == 8
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
+    # how far apart the three source prefixes' states are, after each of the two layers
+    (spread,) = saved["task_spread"]
+    assert spread["recipe"] == "prefixes" and spread["seed"] == 0
+    assert len(spread["task_spread"]["layers"]) == 2 and spread["task_spread"]["features"] > 0
+    assert "prefixes/mtop/0: after layers" in out
 
 
 def test_with_task_appends_a_prefix_and_refuses_another_backbone():
