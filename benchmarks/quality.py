@@ -407,17 +407,24 @@ def target_checks(tasks, results, reference, split: str) -> list[dict[str, Any]]
     return checks
 
 
-def paired_differences(tasks, results, split: str) -> dict[str, list[float]]:
-    """Per recipe, ``mtop``'s mean accuracy minus ``shared``'s for each seed both have:
-    the same seed means the same data order and sample, so the pairs show what the
-    spread over seeds of the two columns hides."""
-    by = {(r["recipe"], r["mode"], r["seed"]): r[split] for r in results}
-    out: dict[str, list[float]] = {}
-    for (recipe, mode, seed), metrics in sorted(by.items()):
-        if mode == "mtop" and (recipe, "shared", seed) in by:
-            out.setdefault(recipe, []).append(
-                mean_accuracy(metrics, tasks) - mean_accuracy(by[recipe, "shared", seed], tasks))
+def paired_seeds(results) -> dict[str, list[int]]:
+    """Per recipe, the seeds that have both an ``mtop`` and a ``shared`` run: the same
+    seed means the same data order and sample, so the two runs compare as a pair."""
+    have = {(r["recipe"], r["mode"], r["seed"]) for r in results}
+    out: dict[str, list[int]] = {}
+    for recipe, mode, seed in sorted(have):
+        if mode == "mtop" and (recipe, "shared", seed) in have:
+            out.setdefault(recipe, []).append(seed)
     return out
+
+
+def paired_differences(tasks, results, split: str) -> dict[str, list[float]]:
+    """Per recipe, ``mtop``'s mean accuracy minus ``shared``'s for each paired seed: what
+    the spread over seeds of the two columns hides."""
+    by = {(r["recipe"], r["mode"], r["seed"]): r[split] for r in results}
+    return {recipe: [mean_accuracy(by[recipe, "mtop", s], tasks)
+                     - mean_accuracy(by[recipe, "shared", s], tasks) for s in seeds]
+            for recipe, seeds in paired_seeds(results).items()}
 
 
 def format_differences(diffs: dict[str, list[float]]) -> str:
@@ -439,7 +446,7 @@ def paired_bootstrap(tasks, pairs: Sequence[tuple[Path, Path]], draws: int = 200
     if not pairs or not all(a.exists() and b.exists() for a, b in pairs):
         return None
     names = [t.name for t in tasks if not t.is_regression]
-    correct = []  # per pair: (mtop right - shared right) [texts, tasks], labelled mask
+    scored = []  # per pair: (mtop right - shared right) [texts, tasks], labelled mask
     for a_path, b_path in pairs:
         a, b = np.load(a_path), np.load(b_path)
         if not np.array_equal(a["labels"], b["labels"], equal_nan=True):
@@ -449,34 +456,30 @@ def paired_bootstrap(tasks, pairs: Sequence[tuple[Path, Path]], draws: int = 200
         mask = labels >= 0
         diff = ((a["predictions"][:, cols] == labels).astype(np.float64)
                 - (b["predictions"][:, cols] == labels)) * mask
-        correct.append((diff, mask.astype(np.float64)))
-    n = correct[0][0].shape[0]
+        scored.append((diff, mask.astype(np.float64)))
+    n = scored[0][0].shape[0]
     rng = np.random.default_rng(seed)
 
     def mean_diff(weights):  # weights [draws, texts] -> [draws]
         per_pair = [((weights @ d) / np.maximum(weights @ m, 1e-12)).mean(axis=1)
-                    for d, m in correct]
+                    for d, m in scored]
         return np.mean(per_pair, axis=0)
 
     observed = float(mean_diff(np.ones((1, n)))[0])
     boot = np.concatenate([mean_diff(rng.multinomial(n, np.full(n, 1 / n), size=chunk)
                                      .astype(np.float64))
-                           for chunk in [200] * (draws // 200)])
+                           for chunk in [min(200, draws - i) for i in range(0, draws, 200)]])
     low, high = np.percentile(boot, [2.5, 97.5])
     return {"diff": observed, "ci95": [float(low), float(high)], "draws": len(boot),
             "pairs": len(pairs), "share_le_0": float(np.mean(boot <= 0))}
 
 
 def paired_tests(tasks, results, runs_dir: Path) -> dict[str, dict[str, Any]]:
-    """``paired_bootstrap`` per recipe over the seeds that have both modes."""
-    seeds = {}
-    for r in results:
-        seeds.setdefault(r["recipe"], {}).setdefault(r["seed"], set()).add(r["mode"])
+    """``paired_bootstrap`` per recipe over its paired seeds."""
     out = {}
-    for recipe, by_seed in seeds.items():
+    for recipe, seeds in paired_seeds(results).items():
         pairs = [(runs_dir / f"{recipe}-mtop-seed{s}" / "predictions-test.npz",
-                  runs_dir / f"{recipe}-shared-seed{s}" / "predictions-test.npz")
-                 for s, modes in sorted(by_seed.items()) if {"mtop", "shared"} <= modes]
+                  runs_dir / f"{recipe}-shared-seed{s}" / "predictions-test.npz") for s in seeds]
         if (test := paired_bootstrap(tasks, pairs)) is not None:
             out[recipe] = test
     return out

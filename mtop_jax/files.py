@@ -3,10 +3,12 @@ flushed, then renamed over the destination."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 
@@ -43,10 +45,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
     """``np.savez`` written whole or not at all."""
-    import io
-
-    import numpy as np
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())

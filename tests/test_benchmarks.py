@@ -243,6 +243,8 @@ def test_quality_paired_bootstrap_over_texts(tmp_path):
     got = quality.paired_bootstrap(tasks, [(save("m1", mtop), save("s1", shared))], draws=400)
     assert got["diff"] == pytest.approx(30 / 200 / 2) and 0 < got["ci95"][0] < got["ci95"][1]
     assert got["draws"] == 400 and got["pairs"] == 1
+    assert quality.paired_bootstrap(tasks, [(save("m4", mtop), save("s4", shared))],
+                                    draws=250)["draws"] == 250  # not a multiple of the chunk
     assert quality.paired_bootstrap(tasks, [(tmp_path / "none.npz", save("s2", shared))]) is None
     other = labels.copy()
     other[0, 0] = 1 - other[0, 0]
