@@ -14,8 +14,9 @@ same training texts, its C / alpha chosen on the validation split. Prints Markdo
 tables (accuracy and macro-F1 per task, R^2 and Spearman for regression; mean and
 spread over seeds), the targets of issue 15 for every recipe's ``mtop`` as
 ``TARGET ... PASS|MISS`` lines (``target_checks``), and writes ``quality.json`` and
-``quality.png``. For every ``mtop`` run it also measures how far apart the tasks'
-prompt states are after each layer on the first 64 validation texts
+``quality.png`` (with ``--split validation`` also ``quality-test.png``). For every
+``mtop`` run it also measures how far apart the tasks' prompt states are after each
+layer on the first 64 validation texts
 (``mtop_jax.models.task_spread``: 0 means every task reads the same vector, i.e. the
 run is ``shared`` with N heads), printed, stored and drawn in ``task_spread.png``.
 Where a recipe has ``mtop`` and ``shared`` runs of the same seeds, it prints their
@@ -613,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.out / "quality.json", out)
     if not args.no_plot:
         plot(tasks, results, reference, args.out / "quality.png", args.split)
+        if args.split != "test":  # the split that tables quote, drawn beside the chosen one
+            plot(tasks, results, references["test"] if references else None,
+                 args.out / "quality-test.png", "test")
         if spreads:
             plot_spreads({f"{r['recipe']}/mtop/{r['seed']}": r["task_spread"]["layers"]
                           for r in results if r["task_spread"]}, args.out / "task_spread.png")

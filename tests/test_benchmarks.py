@@ -115,7 +115,7 @@ def test_train_step_quick_gradient_weighting_costs_more(tmp_path):
 
 def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, capsys):
     result = quality.main(["--quick", "--modes", "mtop", "--out", str(tmp_path),
-                           "--recipe", "config:", "--recipe",
+                           "--split", "validation", "--recipe", "config:", "--recipe",
                            "two:first.train.stage=prompts;first.train.steps=2"])
     out = capsys.readouterr().out
     assert "| task" in out and "TF-IDF" in out and "mean accuracy" in out
@@ -140,7 +140,8 @@ def test_quality_quick_trains_through_the_trainer_and_scores_tfidf(tmp_path, cap
     # the training subset: --max-train texts of the train split, the same for all
     assert len((tmp_path / "data" / "train-128.jsonl").read_text().splitlines()) == 128
     assert (tmp_path / "runs" / "config-mtop-seed0" / "checkpoints" / "4").is_dir()
-    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert (tmp_path / "quality.png").stat().st_size > 10_000  # the chosen split
+    assert (tmp_path / "quality-test.png").stat().st_size > 10_000  # the tables' split
     assert result["results"][0]["test"] == run["test"]
     # the training wall time is kept beside the run: a later call re-evaluates, reports it
     wall = json.loads((tmp_path / "runs" / "config-mtop-seed0.wall.json").read_text())
