@@ -15,6 +15,10 @@ The same pretrained weights (MiniLM-L6 by default), fp32, on the CPU:
 - ``jax-shared``, ``mtop``, ``jax-prefix``: this project's ``shared`` (one pass),
   ``mtop`` (one pass for N tasks) and ``prefix`` (N calls of one compiled one-task
   program, B rows each, one prefix and head per task) modes, compiled ahead of time;
+- ``mtop-recipe``: ``mtop`` with the model settings of ``configs/debian_packages.py``
+  (the recipe the quality tables train: P, prompt depth and pooler from that file, so
+  ``--prompts`` does not apply), for what serving the shipped recipe costs; its ratio
+  is printed as information, the issue's targets stay on ``mtop`` (DESIGN.md's defaults);
 - end to end, on real texts (the demo set's test split): ``mtop-predict``,
   ``mtop_jax.load(model).predict(texts)`` of an N-task model (``--predict-model``, a
   trained model or workdir; by default an ``mtop`` model built from the same encoder
@@ -78,7 +82,7 @@ from benchmarks.common import (
 )
 from mtop_jax.parallel.host_cpu import default_host_cpu_devices, use_host_cpu_devices
 
-FORWARD = ("torch-shared", "peft-prefix", "jax-shared", "mtop", "jax-prefix")
+FORWARD = ("torch-shared", "peft-prefix", "jax-shared", "mtop", "mtop-recipe", "jax-prefix")
 END_TO_END = ("mtop-predict", "hf-pipelines")
 VARIANTS = FORWARD + END_TO_END
 TORCH_VARIANTS = ("torch-shared", "peft-prefix", "hf-pipelines")
@@ -97,7 +101,10 @@ INFO_RATIOS = (
     ("mtop vs JAX prefix, N passes", "mtop", "jax-prefix"),
     ("JAX prefix vs PEFT prefix (both N passes)", "jax-prefix", "peft-prefix"),
     ("mtop vs PyTorch shared", "mtop", "torch-shared"),
+    ("the shipped recipe's mtop vs JAX shared", "mtop-recipe", "jax-shared"),
 )
+#: The quality recipe whose model settings ``mtop-recipe`` serves.
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debian_packages.py"
 
 FULL = dict(tasks="8,16", length=128, batch=32, prompts=4, rounds=3, calls=3, warmup=1,
             predict_tasks=8, predict_texts=128)
@@ -182,11 +189,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- JAX variants
 
 
+def model_config(variant: str, prompts: int):
+    """The ``ModelConfig`` a JAX variant runs: DESIGN.md's defaults with P = ``prompts``, or
+    for ``mtop-recipe`` the model section of :data:`RECIPE_CONFIG` (its own P)."""
+    from mtop_jax.config.loading import load_config_file
+    from mtop_jax.models.multitask import ModelConfig
+
+    if variant == "mtop-recipe":
+        return ModelConfig.from_dict({**dict(load_config_file(str(RECIPE_CONFIG)).model),
+                                      "mode": "mtop"})
+    mode = {"jax-shared": "shared", "mtop": "mtop", "jax-prefix": "prefix"}[variant]
+    return ModelConfig(mode=mode, num_prompts=prompts)
+
+
 def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
                  devices: Sequence[jax.Device]) -> list[Variant]:
     """``jax-shared``, ``mtop`` and ``jax-prefix`` per N, from the pretrained weights,
     compiled ahead of time (so that compile never lands in a timed call)."""
-    from mtop_jax.models.multitask import ModelConfig, MultiTaskModel, load_backbone
+    from mtop_jax.models.multitask import MultiTaskModel, load_backbone
     from mtop_jax.models.pretrained import pretrained_params
 
     enc, params = pretrained_params(args.model)
@@ -197,10 +217,9 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     ids, mask = jax.device_put(ids, by_rows), jax.device_put(mask, by_rows)
 
-    def compiled_state(mode: str, n: int):
+    def compiled_state(name: str, n: int):
         tasks = [(f"task{t}", NUM_CLASSES) for t in range(n)]
-        model = MultiTaskModel(enc, ModelConfig(mode=mode, num_prompts=args.prompts), tasks,
-                               rngs=nnx.Rngs(0))
+        model = MultiTaskModel(enc, model_config(name, args.prompts), tasks, rngs=nnx.Rngs(0))
         load_backbone(model, params)
         model.eval()
         graphdef, state = nnx.split(model)
@@ -208,11 +227,12 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
         fn = jax.jit(lambda st, i, m: nnx.merge(graphdef, st).logits(i, m))
         return fn.lower(state, ids, mask).compile(), state
 
-    wanted = [v for v in ("jax-shared", "mtop", "jax-prefix") if v in args.variants]
+    wanted = [v for v in ("jax-shared", "mtop", "mtop-recipe", "jax-prefix")
+              if v in args.variants]
     out: list[Variant] = []
     if not wanted:
         return out
-    prefix_one = compiled_state("prefix", 1) if "jax-prefix" in wanted else None
+    prefix_one = compiled_state("jax-prefix", 1) if "jax-prefix" in wanted else None
     for n in args.tasks:
         for name in wanted:
             if name == "jax-prefix":
@@ -225,10 +245,11 @@ def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
                 out.append(Variant(name, n, args.batch, n, call,
                                    f"{n} calls of a one-task prefix program"))
                 continue
-            program, state = compiled_state("shared" if name == "jax-shared" else "mtop", n)
+            program, state = compiled_state(name, n)
             out.append(Variant(name, n, args.batch, 1,
                                lambda program=program, state=state: program(state, ids, mask),
-                               "one pass"))
+                               "one pass" + (f" ({RECIPE_CONFIG.name}'s model)"
+                                             if name == "mtop-recipe" else "")))
     return out
 
 
@@ -242,7 +263,7 @@ def import_torch():
     except ImportError:
         raise SystemExit("peers.py: the PyTorch variants need torch, transformers and peft, "
                          "which live in .venv-peers: run `make bench-peers`, or pick JAX "
-                         "variants only with --variants jax-shared,mtop,jax-prefix,"
+                         "variants only with --variants jax-shared,mtop,mtop-recipe,jax-prefix,"
                          "mtop-predict") from None
     return torch
 
@@ -528,7 +549,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, env: dict[str, Any]) -> Non
     fig, (ax_fwd, ax_e2e) = plt.subplots(1, 2, figsize=(13, 4.5),
                                          gridspec_kw={"width_ratios": [3, 1]})
     colors = dict(zip(VARIANTS, ("tab:gray", "tab:purple", "tab:green", "tab:blue",
-                                 "tab:orange", "tab:blue", "tab:purple")))
+                                 "tab:cyan", "tab:orange", "tab:blue", "tab:purple")))
     for ax, names in ((ax_fwd, FORWARD), (ax_e2e, END_TO_END)):
         mine = [r for r in rows if r["variant"] in names]
         ns = sorted({r["tasks"] for r in mine})

@@ -344,6 +344,24 @@ def test_peers_quick_jax_variants_run_without_torch(tmp_path, capsys):
     assert "torch_version" not in saved and "peft_version" not in saved
 
 
+def test_peers_recipe_variant_serves_the_quality_recipes_model():
+    from mtop_jax.config.loading import load_config_file
+    from mtop_jax.models.multitask import ModelConfig
+
+    recipe = load_config_file(str(peers.RECIPE_CONFIG)).model
+    cfg = peers.model_config("mtop-recipe", prompts=4)
+    assert cfg.mode == "mtop" and cfg.num_prompts == recipe.num_prompts != 4  # its own P
+    assert (cfg.prompt_depth, cfg.pooler) == (recipe.prompt_depth, recipe.pooler)
+    assert peers.model_config("mtop", 4) == ModelConfig(mode="mtop", num_prompts=4)
+    assert peers.model_config("jax-prefix", 2) == ModelConfig(mode="prefix", num_prompts=2)
+    # information only: the target stays on DESIGN.md's default mtop
+    rows = [peers_row("jax-shared", 16, [60, 60]), peers_row("mtop", 16, [38, 38]),
+            peers_row("mtop-recipe", 16, [50, 54])]
+    found = {c["variant"]: c for c in peers.checks(rows)}
+    assert found["mtop"]["passed"] is False and found["mtop-recipe"]["passed"] is None
+    assert found["mtop-recipe"]["value"] == pytest.approx(0.8667, rel=1e-3)
+
+
 def test_peers_quick_against_pytorch_peft_and_pipelines(tmp_path, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
