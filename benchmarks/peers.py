@@ -546,11 +546,17 @@ def report(rows: Sequence[dict[str, Any]], found: Sequence[dict[str, Any]],
 def plot(rows: Sequence[dict[str, Any]], path: Path, env: dict[str, Any]) -> None:
     """Bars of median seq/s with the rounds' min-max: forward variants per N, end to end."""
     plt = pyplot()
-    fig, (ax_fwd, ax_e2e) = plt.subplots(1, 2, figsize=(13, 4.5),
-                                         gridspec_kw={"width_ratios": [3, 1]})
+    titles = {FORWARD: ("forward, B rows answered for N tasks", "sequences / s"),
+              END_TO_END: ("end to end: texts -> N tasks' labels", "texts / s")}
+    panels = [names for names in titles if any(r["variant"] in names for r in rows)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 + 4.25 * len(panels), 4.5),
+                             squeeze=False, gridspec_kw={"width_ratios": [
+                                 3 if names == FORWARD else 1 for names in panels]})
     colors = dict(zip(VARIANTS, ("tab:gray", "tab:purple", "tab:green", "tab:blue",
                                  "tab:cyan", "tab:orange", "tab:blue", "tab:purple")))
-    for ax, names in ((ax_fwd, FORWARD), (ax_e2e, END_TO_END)):
+    for ax, names in zip(axes[0], panels):  # no empty panel: only what was measured
         mine = [r for r in rows if r["variant"] in names]
         ns = sorted({r["tasks"] for r in mine})
         present = [v for v in names if any(r["variant"] == v for r in mine)]
@@ -570,8 +576,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, env: dict[str, Any]) -> Non
         ax.set_yscale("log")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    ax_fwd.set(title="forward, B rows answered for N tasks", ylabel="sequences / s")
-    ax_e2e.set(title="end to end: texts -> N tasks' labels", ylabel="texts / s")
+        ax.set(title=titles[names][0], ylabel=titles[names][1])
     fig.suptitle(f"{env.get('cpu_model')}, jax {env.get('jax_version')}, torch "
                  f"{env.get('torch_version', '-')}, fp32")
     fig.tight_layout()
