@@ -204,8 +204,9 @@ def model_config(variant: str, prompts: int):
 
 def jax_variants(args: argparse.Namespace, ids: np.ndarray, mask: np.ndarray,
                  devices: Sequence[jax.Device]) -> list[Variant]:
-    """``jax-shared``, ``mtop`` and ``jax-prefix`` per N, from the pretrained weights,
-    compiled ahead of time (so that compile never lands in a timed call)."""
+    """``jax-shared``, ``mtop``, ``mtop-recipe`` and ``jax-prefix`` per N, from the
+    pretrained weights, compiled ahead of time (so that compile never lands in a timed
+    call); each variant's model from :func:`model_config`."""
     from mtop_jax.models.multitask import MultiTaskModel, load_backbone
     from mtop_jax.models.pretrained import pretrained_params
 
