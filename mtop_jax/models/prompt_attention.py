@@ -46,16 +46,31 @@ def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
                   pos_x: jax.Array, k_x: jax.Array, v_x: jax.Array, input_bias: jax.Array,
                   own_bias: jax.Array) -> jax.Array:
     """One layer for the prompt states p [B, N, P, H] at ``pos_p`` [B, P] given the
-    input's k/v [B, L, h, d] at ``pos_x`` [B, L]; biases [B, 1, 1, P, L] and [P, P]."""
+    input's k/v [B, L, h, d] at ``pos_x`` [B, L]; biases [B, 1, 1, P, L] and [P, P].
+
+    The N P prompt queries meet the input's keys as one [B, h, N P, L] product, in
+    the heads-first layout of the input's own attention, and the softmax over input
+    and own keys is taken in two parts with a common max instead of over their
+    concatenation: on CPU the concatenation and the transposes between the two
+    layouts were copies (benchmarks/README.md, issue 18).
+    """
+    batch, tasks, slots = p.shape[:3]
     q_p, k_p, v_p = layer.project(p, pos_p[:, None])  # [B, N, P, h, d]
-    pos_p, pos_x = pos_p[:, None], pos_x[:, None]  # one row of positions for all tasks
-    to_input = layer.scores(q_p, k_x[:, None], pos_p, pos_x, ctx) + input_bias
-    to_own = layer.scores(q_p, k_p, pos_p, pos_p, ctx) + own_bias
-    probs = jax.nn.softmax(jnp.concatenate([to_input, to_own], axis=-1), axis=-1)
-    probs = layer.drop_probs(probs).astype(v_x.dtype)
-    length = k_x.shape[1]
-    context = (jnp.einsum("bnhqk,bkhd->bnqhd", probs[..., :length], v_x)
-               + jnp.einsum("bnhqk,bnkhd->bnqhd", probs[..., length:], v_p))
+    heads, head_dim = q_p.shape[-2:]
+    pos_all = jnp.tile(pos_p, (1, tasks))  # [B, N P]: every task's slot j at pos_p[:, j]
+    to_input = layer.scores(q_p.reshape(batch, tasks * slots, heads, head_dim), k_x,
+                            pos_all, pos_x, ctx)  # [B, h, N P, L]
+    to_input = to_input.reshape(batch, heads, tasks, slots, -1) + input_bias
+    to_own = layer.scores(q_p, k_p, pos_p[:, None], pos_p[:, None], ctx)  # [B, N, h, P, P]
+    to_own = to_own.swapaxes(1, 2) + own_bias  # [B, h, N, P, P]
+    top = jax.lax.stop_gradient(jnp.maximum(to_input.max(-1, keepdims=True),
+                                            to_own.max(-1, keepdims=True)))
+    e_input, e_own = jnp.exp(to_input - top), jnp.exp(to_own - top)
+    total = e_input.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
+    probs_input = layer.drop_probs(e_input / total).astype(v_x.dtype)
+    probs_own = layer.drop_probs(e_own / total).astype(v_x.dtype)
+    context = (jnp.einsum("bhnqk,bkhd->bnqhd", probs_input, v_x)
+               + jnp.einsum("bhnqk,bnkhd->bnqhd", probs_own, v_p))
     return layer.finish(p, context)
 
 
