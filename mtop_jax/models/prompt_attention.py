@@ -69,8 +69,12 @@ def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
     total = e_input.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
     probs_input = layer.drop_probs(e_input / total).astype(v_x.dtype)
     probs_own = layer.drop_probs(e_own / total).astype(v_x.dtype)
-    context = (jnp.einsum("bhnqk,bkhd->bnqhd", probs_input, v_x)
-               + jnp.einsum("bhnqk,bnkhd->bnqhd", probs_own, v_p))
+    # v_x heads-first as the input's attention has it ([B, h, L, d]: one transpose for both)
+    context_input = jnp.einsum("bhqk,bhkd->bhqd",
+                               probs_input.reshape(batch, heads, tasks * slots, -1),
+                               v_x.swapaxes(1, 2)).reshape(batch, heads, tasks, slots, head_dim)
+    context = (context_input + jnp.einsum("bhnqk,bnkhd->bhnqd", probs_own, v_p)
+               ).transpose(0, 2, 3, 1, 4)  # [B, N, P, h, d]
     return layer.finish(p, context)
 
 

@@ -120,8 +120,9 @@ class EncoderLayer(nnx.Module):
         """fp32 attention logits [..., heads, Tq, Tk] of q [..., Tq, h, d] at ``pos_q``
         for k [..., Tk, h, d] at ``pos_k`` (None: keys without a position, e.g.
         prefixes). By default the scaled dot product (positions enter in ``project``)."""
-        return jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * (
-            q.shape[-1] ** -0.5)
+        # heads-first operands, as attention.dot_product_attention has them (one transpose)
+        return jnp.einsum("...hqd,...hkd->...hqk", q.swapaxes(-2, -3), k.swapaxes(-2, -3)
+                          ).astype(jnp.float32) * (q.shape[-1] ** -0.5)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                positions: jax.Array | None = None, ctx: Any = None) -> jax.Array:
