@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtop_jax.models.attention import attention_bias, dot_product_attention, input_attention
+from mtop_jax.models.attention import (
+    attention_bias,
+    dot_product_attention,
+    input_attention,
+    split_softmax,
+)
 
 #: bf16 compute against fp32, on unit-normal q/k/v (measured 0.012)
 BF16_ATOL = 0.03
@@ -59,3 +64,23 @@ def test_live_dropout_drops_probabilities_and_an_idle_one_does_nothing():
     off.eval()
     np.testing.assert_allclose(input_attention(q, k, v, bias, dropout=off),
                                numpy_attention(q, k, v, bias, 8 ** -0.5), atol=1e-6, rtol=0)
+
+
+def test_split_softmax_is_the_softmax_of_the_concatenation_values_and_gradients():
+    a = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 4
+    b = jax.random.normal(jax.random.key(1), (2, 3, 5, 2)) * 4
+    a = a.at[..., 0].set(jnp.finfo(jnp.float32).min)  # a masked key, as the biases make
+    pa, pb = split_softmax(a, b)
+    want = jax.nn.softmax(jnp.concatenate([a, b], -1), -1)
+    np.testing.assert_allclose(jnp.concatenate([pa, pb], -1), want, atol=1e-6)
+    w = jax.random.normal(jax.random.key(2), (9,))
+
+    def split_loss(a, b):
+        pa, pb = split_softmax(a, b)
+        return (jnp.concatenate([pa, pb], -1) * w).sum()
+
+    def concat_loss(a, b):
+        return (jax.nn.softmax(jnp.concatenate([a, b], -1), -1) * w).sum()
+
+    for got, ref in zip(jax.grad(split_loss, (0, 1))(a, b), jax.grad(concat_loss, (0, 1))(a, b)):
+        np.testing.assert_allclose(got, ref, atol=1e-5)

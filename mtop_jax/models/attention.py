@@ -68,6 +68,20 @@ def input_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | 
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
 
 
+def split_softmax(scores_a: jax.Array, scores_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """softmax over the last axes of ``scores_a`` and ``scores_b`` together, in two parts.
+
+    The same numbers as ``jax.nn.softmax(concatenate([a, b], -1))`` split back apart,
+    without building the concatenation (a copy on CPU): the MTOP prompts' attention to
+    the input's keys and to their own task's prompt keys (issue 18).
+    """
+    top = jax.lax.stop_gradient(jnp.maximum(scores_a.max(-1, keepdims=True),
+                                            scores_b.max(-1, keepdims=True)))
+    e_a, e_b = jnp.exp(scores_a - top), jnp.exp(scores_b - top)
+    total = e_a.sum(-1, keepdims=True) + e_b.sum(-1, keepdims=True)
+    return e_a / total, e_b / total
+
+
 def softmax_context(scores: jax.Array, v: jax.Array,
                     dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """softmax(scores) v: scores [..., h, Tq, Tk] (fp32), v [..., Tk, h, d]."""

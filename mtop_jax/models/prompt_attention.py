@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtop_jax.models.attention import mask_bias, within_window
+from mtop_jax.models.attention import mask_bias, split_softmax, within_window
 from mtop_jax.models.encoders.base import Encoder, EncoderLayer, token_positions
 from mtop_jax.models.prompts import TaskPrompts
 
@@ -63,12 +63,9 @@ def _prompt_layer(layer: EncoderLayer, ctx: Any, p: jax.Array, pos_p: jax.Array,
     to_input = to_input.reshape(batch, heads, tasks, slots, -1) + input_bias
     to_own = layer.scores(q_p, k_p, pos_p[:, None], pos_p[:, None], ctx)  # [B, N, h, P, P]
     to_own = to_own.swapaxes(1, 2) + own_bias  # [B, h, N, P, P]
-    top = jax.lax.stop_gradient(jnp.maximum(to_input.max(-1, keepdims=True),
-                                            to_own.max(-1, keepdims=True)))
-    e_input, e_own = jnp.exp(to_input - top), jnp.exp(to_own - top)
-    total = e_input.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
-    probs_input = layer.drop_probs(e_input / total).astype(v_x.dtype)
-    probs_own = layer.drop_probs(e_own / total).astype(v_x.dtype)
+    probs_input, probs_own = split_softmax(to_input, to_own)
+    probs_input = layer.drop_probs(probs_input).astype(v_x.dtype)
+    probs_own = layer.drop_probs(probs_own).astype(v_x.dtype)
     # v_x heads-first as the input's attention has it ([B, h, L, d]: one transpose for both)
     context_input = jnp.einsum("bhqk,bhkd->bhqd",
                                probs_input.reshape(batch, heads, tasks * slots, -1),
