@@ -17,8 +17,10 @@ and an MLP regressor for a regression target) on standardised frozen features:
   pass as ``prefixes`` (its input states are the plain encoder's: I1).
 - ``prefixes``: ``embed`` ([h_1; ..; h_N], N x H wide) of the config in mode ``mtop``
   trained on the source tasks with ``train.stage=prompts``: the backbone and the pooler
-  frozen, one prompt, head (and pooler query) per task: N independent prompt-tuning
+  frozen, one prompt, head and pooler query per task: N independent prompt-tuning
   runs done as one (DESIGN.md section 5; the tasks only share the global-norm clip).
+  Each prefix is read by the conditional pooler (``--prefix-overrides`` default
+  ``model.pooler=conditional``: a task query that starts at mean pooling).
 - ``shared``: the config in mode ``shared`` fine-tuned (``train.stage=full``)
   multi-task on the source tasks, then frozen: its pooled [CLS] (H wide; ``embed``
   repeats it once per task, the copies are checked equal and dropped).
@@ -117,6 +119,12 @@ DEFAULT_SPLITS = {
         (("section", "architecture", "x11", "suite", "made_of", "admin"),
          ("role", "multi_arch", "network", "security", "log2_installed_kb")),
 }
+#: The prefixes' reading of the text: DESIGN.md section 4's conditional pooler, a task
+#: query over the last-layer states that starts at mean pooling (all-MiniLM-L6-v2's own
+#: reading). The config's `prompt` pooler starts each prefix at a copy of [CLS], the
+#: frozen encoder's weakest reading: 3.0 points lower on the dev set's targets, 0.4 on
+#: the demo's (benchmarks/README.md, "deep prefixes read by the conditional pooler").
+PREFIX_OVERRIDES = "model.pooler=conditional"
 REPRESENTATIONS = ("pretrained-cls", "pretrained-mean", "prefixes", "shared")
 MODELS = ("lr", "mlp")
 TFIDF = "tfidf"
@@ -142,10 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated target tasks (default: by task set)")
     p.add_argument("--add-tasks", help="source tasks to add one at a time for the update "
                    "cost (default: every source; --quick: the last)")
-    p.add_argument("--prefix-overrides", default="",
+    p.add_argument("--prefix-overrides", default=PREFIX_OVERRIDES,
                    help="key=value;... config fields for the prefixes runs and the added "
-                   "prefixes (e.g. model.prompt_depth=deep;model.num_prompts=4); their runs "
-                   "are named after them")
+                   "prefixes (default %(default)r; '' for the config's own pooler; e.g. "
+                   "model.num_prompts=4); runs with other overrides than the default are "
+                   "named after them")
     p.add_argument("--train-seeds", help="seeds of the prefixes and shared runs "
                    f"(default {FULL['train_seeds']})")
     p.add_argument("--seeds", help=f"downstream model seeds (default {FULL['seeds']})")
@@ -163,15 +172,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.train_seeds, args.seeds = (_ints(args.train_seeds, "--train-seeds"),
                                     _ints(args.seeds, "--seeds"))
     args.out = args.out.resolve()
-    args.prefix_flags = tuple(f"--config.{x.strip().removeprefix('--config.')}"
-                              for x in args.prefix_overrides.split(";") if x.strip())
+    args.prefix_flags = _flags(args.prefix_overrides)
     if any("=" not in f for f in args.prefix_flags):
         raise SystemExit(f"--prefix-overrides {args.prefix_overrides!r}: expected key=value;...")
-    # a short stable tag of the overrides, so that other overrides train other runs
+    # a short stable tag of other overrides than the default, so that they train other runs
     args.prefix_tag = ("-" + hashlib.sha1(";".join(args.prefix_flags).encode()).hexdigest()[:8]
-                       if args.prefix_flags else "")
+                       if args.prefix_flags != _flags(PREFIX_OVERRIDES) else "")
     return args
 
+
+def _flags(overrides: str) -> tuple[str, ...]:
+    """``key=value;...`` -> the trainer's ``--config.key=value`` flags."""
+    return tuple(f"--config.{x.strip().removeprefix('--config.')}"
+                 for x in overrides.split(";") if x.strip())
 
 def _ints(text: str, flag: str) -> list[int]:
     try:

@@ -24,6 +24,11 @@ def test_transfer_quick(tmp_path, capsys):
                                                     ["section"])
     assert saved["add_tasks"] == ["interface"]
     assert set(saved["runs"]) == {"prefixes-seed0", "shared-seed0", "add-interface-seed0"}
+    # the prefixes (and the added one) read the text through the conditional pooler
+    assert saved["prefix_overrides"] == ["--config.model.pooler=conditional"]
+    for name in ("prefixes-seed0", "add-interface-seed0"):
+        config = json.loads((Path(saved["runs"][name]["workdir"]) / "config.json").read_text())
+        assert config["model"]["pooler"] == "conditional", name
     for name, run in saved["runs"].items():
         assert (Path(run["workdir"]) / "checkpoints" / str(run["steps"])).is_dir(), name
         assert run["wall_s"] > 0
@@ -65,6 +70,20 @@ def test_transfer_quick(tmp_path, capsys):
     assert spread["recipe"] == "prefixes" and spread["seed"] == 0
     assert len(spread["task_spread"]["layers"]) == 2 and spread["task_spread"]["features"] > 0
     assert "prefixes/mtop/0: after layers" in out
+
+
+def test_prefix_overrides_name_the_runs_unless_default():
+    """The default overrides (the conditional pooler) keep the plain run names; any other,
+    the config's own pooler included, trains runs of their own."""
+    parse = lambda *a: transfer.parse_args(["--out", "/tmp/x", *a])
+    assert parse().prefix_flags == ("--config.model.pooler=conditional",)
+    assert parse().prefix_tag == ""
+    own, deeper = parse("--prefix-overrides", ""), parse("--prefix-overrides",
+                                                         "model.num_prompts=4")
+    assert own.prefix_flags == () and own.prefix_tag.startswith("-")
+    assert deeper.prefix_tag.startswith("-") and deeper.prefix_tag != own.prefix_tag
+    with pytest.raises(SystemExit, match="expected key=value"):
+        parse("--prefix-overrides", "model.pooler")
 
 
 def test_with_task_appends_a_prefix_and_refuses_another_backbone():
