@@ -4,17 +4,18 @@ section 11). The data is not in the repo; by default it is read from
 ``../shared/data/debian-packages-dev`` beside the clone (else set ``data.path``):
 
     mtop-jax train --config configs/debian_packages_dev.py --workdir workdirs/dev
-    python benchmarks/quality.py --config configs/debian_packages_dev.py \\
-        --modes mtop,shared --seeds 0,1,2 --out benchmarks/results/quality-dev
+    python benchmarks/quality.py --config configs/debian_packages_dev.py --max-train 8000 \\
+        --modes mtop,shared --seeds 0,1,2 --split validation --out workdirs/q/dev
 
 The arg is the demo's: ``mode=<mtop|shared|prefix|single>,steps=N,seed=S``. 750
 steps of 32 are one epoch of the 24,000 training texts.
 
-Expected (``--max-train 8000 --steps 500``, two epochs of 8,000 texts, seeds 0-2, test,
-mean accuracy of the ten classification tasks; about 22 min a run on a 2-core CPU):
-`mtop` 0.857 +- 0.005, `shared` 0.851 +- 0.004, TF-IDF 0.844; `mtop` - `shared` +0.68
-points, 95% interval over the test texts [-0.13, +1.45] (big four tasks +0.51,
-[+0.22, +0.79]). benchmarks/README.md, "Deep prompts, three seeds, two epochs".
+Expected (``--max-train 8000``: the default 750 steps are then three epochs of 8,000
+texts, the demo's ``full`` budget; seeds 0-2, test, mean accuracy of the ten
+classification tasks; 31-35 min a run on a 2-core CPU): `mtop` 0.871 +- 0.004, `shared`
+0.861 +- 0.003, TF-IDF 0.844; `mtop` - `shared` +0.99 points, 95% interval over the test
+texts [+0.22, +1.81]; the size regression's Spearman 0.604 +- 0.025 against ridge's 0.558.
+benchmarks/README.md, "Three epochs, three seeds, dev set".
 """
 
 from pathlib import Path

@@ -38,7 +38,7 @@ def test_config_file_arg_sets_fields():
         load_config(f"{TINY}:bogus=1")
     demo = TINY.replace("tiny.py", "debian_packages.py")  # make demo's budget, and full's
     assert [load_config(f"{demo}{a}").train.steps for a in ("", ":full", ":full,steps=9",
-                                                             ":shared,full")] == [250, 500, 9, 500]
+                                                             ":shared,full")] == [250, 750, 9, 750]
 
 
 def test_a_str_override_takes_the_raw_text():
