@@ -10,32 +10,19 @@ The arg picks the mode for the baselines with the same budget:
 steps and seed: ``configs/debian_packages.py:mode=shared,steps=100,seed=1``.
 
 Results (``benchmarks/quality.py``; benchmarks/README.md has the commands, per-task
-tables, the validation split and the ablation behind the recipe). Before deep prompts
-(input-depth, this config otherwise, 250 steps = one epoch, test split, mean accuracy
-over seeds 0, 1, 2; about 10 min per `mtop` run on this 2-core CPU):
+tables, the validation split and the ablation behind the recipe). ``full`` (three epochs,
+750 steps, about 28 min a run on this 2-core CPU), seeds 0, 1, 2, test:
 
     mode    section  role   implemented_in  interface  mean acc
-    mtop    0.732    0.850  0.829           0.798      0.802 +- 0.009
-    shared  0.728    0.838  0.829           0.829      0.806 +- 0.011
+    mtop    0.774    0.864  0.840           0.775      0.813 +- 0.003
+    shared  0.779    0.857  0.840           0.767      0.811 +- 0.007
     TF-IDF + logistic regression (same run)            0.758
 
-Those `mtop` runs were `shared` in disguise: MiniLM's upper layers erased the
-input-depth prompts (the tasks' states after layer 6 differed by 3e-5 of the texts'), so
-the two rows differ by seed noise only. With deep prompts (this config), on
-``debian-packages-dev`` (8,000 texts, 500 steps, 3 seeds, test): `mtop` 0.857 +- 0.005,
-`shared` 0.851 +- 0.004, TF-IDF 0.844. On this set, three seeds (250 steps): test 0.797
-+- 0.007 against `shared`'s 0.806 +- 0.011 (the gap is `interface`, 43 texts; section
-+0.5, role -0.2, implemented_in 0.0), validation 0.797 +- 0.015 against 0.789 +- 0.008.
-``full`` (two epochs, 500 steps, about 19 min a run here), seeds 0, 1, 2, test:
-
-    mode    section  role   implemented_in  interface  mean acc
-    mtop    0.763    0.857  0.829           0.814      0.816 +- 0.010
-    shared  0.764    0.850  0.829           0.791      0.809 +- 0.007
-    TF-IDF  0.706    0.809  0.729           0.791      0.758
-
-`mtop` - `shared` per seed -0.1, +0.8, +1.5 points; validation 0.820 +- 0.002 against
-0.815 +- 0.013. The demo's splits resolve about 2 points on a mean of four (the sampling
-SE ``quality.py`` prints; paired 95% interval over the test texts -0.3 to +2.0 points).
+Validation 0.836 +- 0.005 against 0.830 +- 0.005. The demo's 1,000 test texts resolve
+about 1.7 points on a mean of four (paired 95% interval of `mtop` - `shared`: -1.0 to
++1.5 points); on ``debian-packages-dev`` (3,000 test texts, the same budget)
+`mtop` 0.871 +- 0.004, `shared` 0.861 +- 0.003, TF-IDF 0.844. ``make demo`` (one
+epoch, about 10 min): `mtop` 0.797 +- 0.007, `shared` 0.806 +- 0.011.
 """
 
 from mtop_jax.config import base_config, parse_arg
