@@ -186,6 +186,7 @@ def _flags(overrides: str) -> tuple[str, ...]:
     return tuple(f"--config.{x.strip().removeprefix('--config.')}"
                  for x in overrides.split(";") if x.strip())
 
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
